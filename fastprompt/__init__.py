@@ -1,0 +1,14 @@
+"""fastprompt: fast, memory-lean deep prompt tuning for Hugging Face transformers models."""
+
+__version__ = "0.1.0"
+
+from .api import patch, prompt_config, prompt_parameters, unpatch  # noqa: E402
+from .config import PromptConfig  # noqa: E402
+from .integration.architectures import SUPPORTED, UnsupportedModelError  # noqa: E402
+from .ops import prefix_attention  # noqa: E402
+from .serialization import PromptLoadError, load_prompts, save_prompts  # noqa: E402
+
+__all__ = [
+    "PromptConfig", "PromptLoadError", "SUPPORTED", "UnsupportedModelError", "load_prompts", "patch",
+    "prefix_attention", "prompt_config", "prompt_parameters", "save_prompts", "unpatch",
+]

@@ -1,0 +1,1 @@
+"""Model integration: attention function, architectures, prompt modules, patching."""

@@ -1,0 +1,122 @@
+"""What fastprompt knows about each supported transformers architecture.
+
+Each spec says where the layer stacks and their self-attention modules live, whether the
+stacks are bidirectional, and how input-prompt tokens get positions. Anything not listed
+here is refused by `patch`: many architectures accept a custom attention implementation and
+then never call it (DeBERTa-v2 for one), which would train nothing and say nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of transformer layers: layers[i] holds self_attention[i]."""
+
+    name: str
+    layers: list[nn.Module]
+    self_attention: list[nn.Module]
+    causal: bool
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to find the layers of one model_type.
+
+    stacks: the model's layer stacks (T5: encoder then decoder); absolute_positions: learned or
+    sinusoidal position embeddings (input-prompt tokens then take positions 0..P-1 rather
+    than -P..-1, which rotary models use so that real tokens keep 0..T-1).
+    """
+
+    model_type: str
+    stacks: Callable[[nn.Module], list[Stack]]
+    absolute_positions: bool
+
+
+def _stack(name, layers, attn, causal):
+    layers = list(layers)
+    return Stack(name, layers, [attn(layer) for layer in layers], causal)
+
+
+def _bert_like(model):
+    base = model.base_model
+    return [_stack("encoder", base.encoder.layer, lambda l: l.attention.self, bool(model.config.is_decoder))]
+
+
+def _distilbert(model):
+    return [_stack("transformer", model.base_model.transformer.layer, lambda l: l.attention, False)]
+
+
+def _gpt2(model):
+    return [_stack("h", model.base_model.h, lambda l: l.attn, True)]
+
+
+def _llama_like(model):
+    return [_stack("layers", model.base_model.layers, lambda l: l.self_attn, True)]
+
+
+def _opt(model):
+    return [_stack("decoder", model.base_model.decoder.layers, lambda l: l.self_attn, True)]
+
+
+def _t5(model):
+    stacks = [_stack("encoder", model.encoder.block, lambda b: b.layer[0].SelfAttention, False)]
+    if getattr(model, "decoder", None) is not None:
+        stacks.append(_stack("decoder", model.decoder.block, lambda b: b.layer[0].SelfAttention, True))
+    return stacks
+
+
+SPECS: dict[str, ArchSpec] = {
+    "bert": ArchSpec("bert", _bert_like, True),
+    "roberta": ArchSpec("roberta", _bert_like, True),
+    "distilbert": ArchSpec("distilbert", _distilbert, True),
+    "gpt2": ArchSpec("gpt2", _gpt2, True),
+    "llama": ArchSpec("llama", _llama_like, False),
+    "mistral": ArchSpec("mistral", _llama_like, False),
+    "qwen2": ArchSpec("qwen2", _llama_like, False),
+    "qwen3": ArchSpec("qwen3", _llama_like, False),
+    "gemma": ArchSpec("gemma", _llama_like, False),
+    "opt": ArchSpec("opt", _opt, True),
+    "t5": ArchSpec("t5", _t5, False),
+}
+
+SUPPORTED = tuple(SPECS)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture does not route attention through fastprompt."""
+
+
+def spec_for(model: nn.Module) -> ArchSpec:
+    """The spec of a transformers model, or UnsupportedModelError naming it and the supported list."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SPECS:
+        name = type(model).__name__
+        raise UnsupportedModelError(
+            f"fastprompt.patch: architecture {name} (model_type={model_type!r}) is not supported; "
+            f"supported model types: {', '.join(SUPPORTED)}"
+        )
+    return SPECS[model_type]
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """Shape facts a saved prompt depends on: architecture, layers, heads, kv heads, head dim, hidden size."""
+    c = model.config
+    heads = c.num_attention_heads
+    hidden = c.hidden_size
+    head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or hidden // heads
+    stacks = spec_for(model).stacks(model)
+    return {
+        "architecture": c.model_type,
+        "layers": [len(s.layers) for s in stacks],
+        "heads": heads,
+        "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "hidden_size": hidden,
+    }

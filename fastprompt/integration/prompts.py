@@ -1,0 +1,96 @@
+"""The trainable prompt modules: deep key/value prefixes (P-Tuning v2) and input soft prompts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _FoldCache:
+    """Holds values derived from parameters while no gradient is recorded (inference).
+
+    The key is every parameter's in-place version counter plus dtype and device, so an optimizer
+    step or a load_prompts invalidates it without any hook.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def get(self, params, extra, compute):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self.key = self.value = None
+            return compute()
+        key = (tuple(p._version for p in params), tuple(p.data_ptr() for p in params), extra)
+        if key != self.key:
+            self.value, self.key = compute(), key
+        return self.value
+
+
+class DeepPrefix(nn.Module):
+    """Per-layer key/value prefixes for `num_slots` self-attention layers.
+
+    Without reparameterisation: one parameter `prefix: (num_slots, 2, Hkv, P, D)` (K then V).
+    With it (P-Tuning v2): `embedding: (P, hidden)` -> Linear(hidden, r) -> Tanh ->
+    Linear(r, num_slots * 2 * Hkv * D), laid out as [P, slot, K|V, Hkv, D] like PEFT's.
+    At inference (no grad) the prefixes are folded once and reused until a parameter changes.
+    """
+
+    def __init__(self, num_slots, kv_heads, num_tokens, head_dim, hidden_size, reparam=False, reparam_hidden=512, dropout=0.0):
+        super().__init__()
+        self.num_slots, self.kv_heads, self.num_tokens, self.head_dim = num_slots, kv_heads, num_tokens, head_dim
+        self.reparam = reparam
+        self.dropout = dropout
+        if reparam:
+            self.embedding = nn.Parameter(torch.randn(num_tokens, hidden_size))
+            self.mlp = nn.Sequential(
+                nn.Linear(hidden_size, reparam_hidden), nn.Tanh(), nn.Linear(reparam_hidden, num_slots * 2 * kv_heads * head_dim)
+            )
+        else:
+            # N(0, 1) as P-Tuning v2 and PEFT initialise their prefix embedding
+            self.prefix = nn.Parameter(torch.randn(num_slots, 2, kv_heads, num_tokens, head_dim))
+        self._folded = _FoldCache()
+
+    def _slot_raw(self, slot: int) -> torch.Tensor:
+        """(2, Hkv, P, D) for one slot, differentiable."""
+        if not self.reparam:
+            return self.prefix[slot]
+        lin1, _, lin2 = self.mlp
+        hidden = torch.tanh(lin1(self.embedding))  # (P, r): recomputed per layer, P*H*r flops
+        rows = 2 * self.kv_heads * self.head_dim
+        w = lin2.weight[slot * rows:(slot + 1) * rows]
+        b = lin2.bias[slot * rows:(slot + 1) * rows]
+        out = F.linear(hidden, w, b)  # (P, 2*Hkv*D)
+        return out.view(self.num_tokens, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+
+    def folded(self) -> torch.Tensor:
+        """(num_slots, 2, Hkv, P, D): every slot's prefix at once, for saving and export."""
+        return torch.stack([self._slot_raw(i) for i in range(self.num_slots)])
+
+    def slot(self, slot: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (K, V) prefix of one layer, each (Hkv, P, D) in the attention's dtype."""
+        params = list(self.parameters())
+
+        def compute_all():
+            return self.folded().detach().to(device=device, dtype=dtype)
+
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            kv = self._folded.get(params, (dtype, device), compute_all)[slot]
+            return kv[0], kv[1]
+        kv = self._slot_raw(slot).to(device=device, dtype=dtype)
+        if self.training and self.dropout > 0:
+            kv = F.dropout(kv, self.dropout, training=True)
+        return kv[0], kv[1]
+
+
+class SoftPrompt(nn.Module):
+    """Input soft prompt (Lester et al.): `embedding: (P, hidden)` in the input-embedding space."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.embedding = nn.Parameter(init.detach().clone().float())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embedding.shape[0]

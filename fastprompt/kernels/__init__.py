@@ -1,0 +1,1 @@
+"""Kernels: one file per backend implementation (torch here; Triton and CUDA beside it)."""

@@ -1,0 +1,113 @@
+"""Prefix-concat attention in plain PyTorch (CPU, and the fallback on every device).
+
+The prefix keys/values are never concatenated to the sequence's own nor copied per example:
+the prefix scores are one matrix product of all ``B * S`` queries (per kv head) against the
+``P`` prefix keys, the sequence scores are the usual batched product, and the two score blocks
+share one softmax. Autograd reduces the prefix gradients over the batch inside the same
+matrix products, so no ``(B, P, D)``-sized prefix buffer exists in forward or backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rows_by_kv_head(x: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, R, X) -> (Hkv, B * R, X): every query row of a kv head in one matrix."""
+    b, hkv, r, d = x.shape
+    return x.transpose(0, 1).reshape(hkv, b * r, d)
+
+
+def _rows_back(x: torch.Tensor, b: int) -> torch.Tensor:
+    """(Hkv, B * R, X) -> (B, Hkv, R, X)."""
+    hkv, br, d = x.shape
+    return x.view(hkv, b, br // b, d).transpose(0, 1)
+
+
+def _prompt_groups(prompt_ids: torch.Tensor | None, num_prompts: int):
+    """Yields (example indices or None for all, prompt index)."""
+    if prompt_ids is None:
+        yield None, None
+        return
+    for t in torch.unique(prompt_ids).tolist():
+        yield (prompt_ids == t).nonzero(as_tuple=True)[0], int(t)
+
+
+def _prefix_scores(qg, prefix_k, prompt_ids):
+    """qg: (B, Hkv, G*S, D); prefix_k: (Hkv, P, D) or (T, Hkv, P, D) -> (B, Hkv, G*S, P)."""
+    b = qg.shape[0]
+    if prompt_ids is None:
+        return _rows_back(torch.bmm(_rows_by_kv_head(qg), prefix_k.transpose(1, 2)), b)
+    out = qg.new_empty(*qg.shape[:3], prefix_k.shape[-2])
+    for idx, t in _prompt_groups(prompt_ids, prefix_k.shape[0]):
+        sub = qg.index_select(0, idx)
+        out[idx] = _rows_back(torch.bmm(_rows_by_kv_head(sub), prefix_k[t].transpose(1, 2)), sub.shape[0])
+    return out
+
+
+def _prefix_values(probs, prefix_v, prompt_ids):
+    """probs: (B, Hkv, G*S, P); prefix_v: (Hkv, P, D) or (T, Hkv, P, D) -> (B, Hkv, G*S, D)."""
+    b = probs.shape[0]
+    if prompt_ids is None:
+        return _rows_back(torch.bmm(_rows_by_kv_head(probs), prefix_v), b)
+    out = probs.new_empty(*probs.shape[:3], prefix_v.shape[-1])
+    for idx, t in _prompt_groups(prompt_ids, prefix_v.shape[0]):
+        sub = probs.index_select(0, idx)
+        out[idx] = _rows_back(torch.bmm(_rows_by_kv_head(sub), prefix_v[t]), sub.shape[0])
+    return out
+
+
+def causal_mask(s: int, sk: int, device) -> torch.Tensor:
+    """(S, Sk) bool, True = attend; bottom-right aligned so cached decoding sees all past keys."""
+    q_pos = torch.arange(s, device=device)[:, None] + (sk - s)
+    return torch.arange(sk, device=device)[None, :] <= q_pos
+
+
+def prefix_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prompt_ids: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    bias: torch.Tensor | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Attention of q over [prefix ; sequence] keys.
+
+    q: (B, H, S, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D), or (T, Hkv, P, D)
+    with prompt_ids: (B,). mask: bool (True = attend) or additive float, broadcastable to
+    (B, H, S, Sk); bias: additive float broadcastable to (B, H, S, Sk). Both apply to the
+    sequence keys only: the prefix is visible to every query. Returns (B, H, S, D).
+    """
+    b, h, s, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, hkv, g * s, d)  # head h = kv_head * G + g, as transformers' repeat_kv
+
+    seq = torch.matmul(qg, k.transpose(-1, -2)).view(b, h, s, sk)
+    pre = _prefix_scores(qg, prefix_k, prompt_ids).reshape(b, h, s, -1)
+    # softmax statistics in fp32, as the fused kernels keep them
+    seq = seq.float() * scale
+    pre = pre.float() * scale
+    if bias is not None:
+        seq = seq + bias.float()
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            seq = seq.masked_fill(~mask, float("-inf"))
+        else:
+            seq = seq + mask.float()
+    elif causal and s > 1:
+        seq = seq.masked_fill(~causal_mask(s, sk, q.device), float("-inf"))
+
+    probs = torch.softmax(torch.cat([pre, seq], dim=-1), dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    n_pre = pre.shape[-1]
+    p_pre = probs[..., :n_pre].reshape(b, hkv, g * s, n_pre)
+    p_seq = probs[..., n_pre:].reshape(b, hkv, g * s, sk)
+    out = torch.matmul(p_seq, v) + _prefix_values(p_pre, prefix_v, prompt_ids)
+    return out.reshape(b, h, s, d)

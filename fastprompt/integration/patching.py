@@ -133,8 +133,10 @@ def _install_prompt_kv(model, runtime, stack: Stack, absolute_positions: bool):
             runtime.prompt_kv = None  # drop the graph reference once the forward is done
         return None
 
-    runtime.handles.append(base.register_forward_pre_hook(prehook, with_kwargs=True))
-    runtime.handles.append(base.register_forward_hook(hook, with_kwargs=True))
+    # hooked on the stack's own first and last layers: some task models call an inner module
+    # (OPTForCausalLM calls model.decoder), never the base model's forward
+    runtime.handles.append(stack.layers[0].register_forward_pre_hook(prehook, with_kwargs=True))
+    runtime.handles.append(stack.layers[-1].register_forward_hook(hook, with_kwargs=True))
 
 
 def _install_insertion(runtime, stack: Stack):

@@ -1,0 +1,155 @@
+"""ops.prefix_attention against attention over the explicitly concatenated keys/values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastprompt.ops import prefix_attention
+from reference import concat_attention
+
+
+def _inputs(b, h, hkv, s, sk, p, d, dtype, bank=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)  # noqa: E731
+    q, k, v = r(b, h, s, d), r(b, hkv, sk, d), r(b, hkv, sk, d)
+    shape = (bank, hkv, p, d) if bank else (hkv, p, d)
+    return q, k, v, r(*shape), r(*shape)
+
+
+def _reference(q, k, v, pk, pv, ids=None, visible=None, bias=None, scale=None):
+    """Per example: prefix picked from the bank, concatenated explicitly, float64."""
+    outs = []
+    for i in range(q.shape[0]):
+        a, b_ = (pk, pv) if ids is None else (pk[ids[i]], pv[ids[i]])
+        vis = None if visible is None else visible[i : i + 1] if visible.shape[0] > 1 else visible
+        bi = None if bias is None else bias[i : i + 1] if bias.shape[0] > 1 else bias
+        outs.append(concat_attention(q[i : i + 1].double(), k[i : i + 1].double(), v[i : i + 1].double(), a.double(), b_.double(), vis, bi, scale))
+    return torch.cat(outs)
+
+
+def _grads(out, tensors, w):
+    return torch.autograd.grad((out.double() * w).sum(), tensors)
+
+
+CASES = [
+    # b, h, hkv, s, sk, p, d, causal, mask
+    (2, 4, 4, 5, 5, 3, 8, False, None),
+    (3, 6, 2, 7, 7, 4, 16, True, None),  # GQA + causal
+    (2, 4, 1, 1, 9, 5, 8, True, None),  # decode step: one query over a cache, multi-query
+    (2, 4, 2, 3, 6, 2, 8, True, None),  # chunked prefill: causal aligned bottom-right
+    (2, 4, 2, 6, 6, 3, 40, False, "pad"),  # key padding, odd head dim
+    (2, 2, 2, 5, 5, 7, 8, False, "full"),  # a 4-D bool mask with a fully masked row
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_matches_concat_reference_fp32(case):
+    b, h, hkv, s, sk, p, d, causal, mask_kind = case
+    q, k, v, pk, pv = _inputs(b, h, hkv, s, sk, p, d, torch.float32)
+    mask = visible = None
+    if causal:
+        visible = (torch.arange(sk)[None] <= torch.arange(s)[:, None] + (sk - s))[None, None]
+    if mask_kind == "pad":
+        mask = torch.ones(b, sk, dtype=torch.bool)
+        mask[1, 4:] = False
+        visible = mask[:, None, None, :]
+    elif mask_kind == "full":
+        mask = torch.rand(b, 1, s, sk) > 0.4
+        mask[0, 0, 2] = False  # this row sees only the prefix
+        visible = mask
+    out = prefix_attention(q, k, v, pk, pv, mask=mask, causal=causal)
+    ref = _reference(q, k, v, pk, pv, visible=visible)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(ref)
+    got = _grads(out, (q, k, v, pk, pv), w)
+    want = _grads(ref, (q, k, v, pk, pv), w)
+    for name, a, e in zip("q k v prefix_k prefix_v".split(), got, want):
+        torch.testing.assert_close(a.double(), e.double(), atol=1e-5, rtol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_bias_scale_and_float_mask():
+    q, k, v, pk, pv = _inputs(2, 4, 4, 5, 5, 3, 8, torch.float32)
+    bias = torch.randn(1, 4, 5, 5)
+    fmask = torch.zeros(2, 1, 5, 5)
+    fmask[1, ..., 3:] = torch.finfo(torch.float32).min
+    out = prefix_attention(q, k, v, pk, pv, mask=fmask, bias=bias, scale=1.0)
+    ref = _reference(q, k, v, pk, pv, visible=fmask == 0, bias=bias, scale=1.0)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_bank_with_repeated_ids():
+    q, k, v, pk, pv = _inputs(4, 4, 2, 5, 5, 3, 8, torch.float32, bank=3)
+    ids = torch.tensor([2, 0, 2, 2])
+    out = prefix_attention(q, k, v, pk, pv, prompt_ids=ids, causal=True)
+    visible = (torch.arange(5)[None] <= torch.arange(5)[:, None])[None, None]
+    ref = _reference(q, k, v, pk, pv, ids=ids, visible=visible)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(ref)
+    got, want = _grads(out, (pk, pv), w), _grads(ref, (pk, pv), w)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e.double(), atol=1e-5, rtol=1e-5)
+    assert got[0][1].abs().sum() == 0  # prompt 1 unused: no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_reference_error(dtype):
+    """flash-attention rule: error <= 2x the low-precision reference's own error (3x for gradients)."""
+    q, k, v, pk, pv = _inputs(2, 4, 2, 9, 9, 5, 16, dtype)
+    out = prefix_attention(q, k, v, pk, pv, causal=True)
+    visible = (torch.arange(9)[None] <= torch.arange(9)[:, None])[None, None]
+    exact = _reference(q, k, v, pk, pv, visible=visible)
+    # the low-precision reference: PyTorch SDPA on the concatenated, repeated keys in `dtype`
+    kk = torch.cat([pk.unsqueeze(0).expand(2, -1, -1, -1), k], 2).repeat_interleave(2, 1)
+    vv = torch.cat([pv.unsqueeze(0).expand(2, -1, -1, -1), v], 2).repeat_interleave(2, 1)
+    full_vis = torch.cat([torch.ones(1, 1, 9, 5, dtype=torch.bool), visible], -1)
+    low = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=full_vis)
+    floor = 1e-3
+    assert (out.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + floor
+    w = torch.randn_like(exact)
+    got, low_g, want = _grads(out, (q, pk, pv), w), _grads(low, (q, pk, pv), w), _grads(exact, (q, pk, pv), w)
+    for a, lo, e in zip(got, low_g, want):
+        assert (a.double() - e).abs().max() <= 3 * (lo.double() - e).abs().max() + floor
+
+
+def test_no_batch_sized_prefix_is_saved_for_backward():
+    """The prefix is never expanded per example: nothing saved for backward holds B copies of it."""
+    b, p, d, hkv = 8, 6, 16, 2
+    q, k, v, pk, pv = _inputs(b, 4, hkv, 5, 5, p, d, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        prefix_attention(q, k, v, pk, pv)
+    assert saved
+    for t in saved:
+        # a per-example prefix, alone (B, Hkv, P, D) or concatenated (B, Hkv, P + S, D), would show here
+        assert not (t.dim() == 4 and t.shape[0] == b and t.shape[-1] == d and t.shape[-2] in (p, p + 5)), tuple(t.shape)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(q=torch.zeros(2, 4, 5)), "q must be"),
+        (dict(k=torch.zeros(2, 3, 5, 8), v=torch.zeros(2, 3, 5, 8)), "multiple of k/v heads"),
+        (dict(prefix_k=torch.zeros(2, 3, 4)), "prefix_k must have Hkv"),
+        (dict(prompt_ids=torch.tensor([0, 5])), "must be a bank"),
+        (dict(mask=torch.ones(3, 5, dtype=torch.bool)), "key padding"),
+        (dict(dropout_p=1.5), "dropout_p"),
+        (dict(backend="nope"), "backend must be one of"),
+    ],
+)
+def test_bad_arguments_named(kwargs, match):
+    args = dict(q=torch.zeros(2, 4, 5, 8), k=torch.zeros(2, 2, 5, 8), v=torch.zeros(2, 2, 5, 8), prefix_k=torch.zeros(2, 3, 8), prefix_v=torch.zeros(2, 3, 8))
+    args.update(kwargs)
+    if "prefix_k" in kwargs:
+        args["prefix_v"] = kwargs["prefix_k"]
+    q, k, v, pk, pv = (args.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v"))
+    with pytest.raises(ValueError, match=match):
+        prefix_attention(q, k, v, pk, pv, **args)
+
+
+def test_prompt_ids_out_of_range():
+    q, k, v, pk, pv = _inputs(2, 4, 2, 5, 5, 3, 8, torch.float32, bank=2)
+    with pytest.raises(ValueError, match=r"prompt_ids must lie in \[0, 2\)"):
+        prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="prompt_ids must be an integer tensor"):
+        prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0.0, 1.0]))

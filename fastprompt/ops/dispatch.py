@@ -23,9 +23,10 @@ class Backend:
     available: Callable[[], bool]
     fn: Callable[..., torch.Tensor]
     head_dims: tuple[int, int] = (1, 1 << 16)
+    dropout: bool = True
 
-    def why_not(self, q: torch.Tensor) -> str | None:
-        """None when this backend can run on q's device/dtype/head dim, else the reason."""
+    def why_not(self, q: torch.Tensor, dropout_p: float = 0.0) -> str | None:
+        """None when this backend can run on q's device/dtype/head dim (and dropout), else the reason."""
         if q.device.type not in self.devices:
             return f"runs on {sorted(self.devices)}, not {q.device.type}"
         if q.dtype not in self.dtypes:
@@ -33,6 +34,8 @@ class Backend:
         lo, hi = self.head_dims
         if not lo <= q.shape[-1] <= hi:
             return f"supports head dims {lo}..{hi}, not {q.shape[-1]}"
+        if dropout_p > 0 and not self.dropout:
+            return "does not support attention dropout"
         if not self.available():
             return "is not available in this install"
         return None
@@ -50,17 +53,17 @@ def backends() -> list[Backend]:
     return list(_BACKENDS)
 
 
-def select_backend(q: torch.Tensor, name: str | None = None) -> Backend:
-    """The backend named ``name``, or the first that supports q."""
+def select_backend(q: torch.Tensor, name: str | None = None, dropout_p: float = 0.0) -> Backend:
+    """The backend named ``name``, or the first that supports q (and dropout_p)."""
     if name is not None:
         for b in _BACKENDS:
             if b.name == name:
-                reason = b.why_not(q)
+                reason = b.why_not(q, dropout_p)
                 if reason:
                     raise ValueError(f"backend={name!r} {reason}")
                 return b
         raise ValueError(f"backend must be one of {[b.name for b in _BACKENDS]}, got {name!r}")
     for b in _BACKENDS:
-        if b.why_not(q) is None:
+        if b.why_not(q, dropout_p) is None:
             return b
     raise ValueError(f"no prefix-attention backend supports {q.device.type} {q.dtype} head dim {q.shape[-1]}")

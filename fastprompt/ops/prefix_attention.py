@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.cpu_prefix_attention import prefix_attention_cpu
 from ..kernels.torch_prefix_attention import prefix_attention_torch
 from .dispatch import Backend, register_backend, select_backend
 
@@ -16,6 +17,16 @@ register_backend(
         dtypes=_FLOATS | {torch.float64},
         available=lambda: True,
         fn=prefix_attention_torch,
+    )
+)
+register_backend(
+    Backend(
+        name="cpu",
+        devices=frozenset({"cpu"}),
+        dtypes=_FLOATS,
+        available=lambda: hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"),
+        fn=prefix_attention_cpu,
+        dropout=False,
     )
 )
 
@@ -50,6 +61,8 @@ def prefix_attention(
     causal: causal within the sequence (bottom-right aligned when Sk > S, as in cached decoding);
     ignored when a mask is given (the mask already says it). bias: additive float on the sequence
     scores (T5's position bias), broadcastable to (B, H, S, Sk). scale: default D ** -0.5.
+    backend: "cpu" (fused flash kernel + LSE merge; CPU, no dropout), "torch" (plain autograd,
+    any device, dropout, float64), or None to pick the first that supports the call.
     Returns (B, H, S, D) in q's dtype.
     """
     _check(q.dim() == 4, f"q must be (B, H, S, D), got shape {tuple(q.shape)}")
@@ -82,7 +95,7 @@ def prefix_attention(
     if mask is not None:
         _check(mask.dim() == 4, f"mask must broadcast to (B, H, S, Sk), got shape {tuple(mask.shape)}")
     _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
-    impl = select_backend(q, backend)
+    impl = select_backend(q, backend, dropout_p)
     return impl.fn(
         q, k, v, prefix_k, prefix_v, prompt_ids, mask, bool(causal),
         float(d**-0.5 if scale is None else scale), bias, float(dropout_p),

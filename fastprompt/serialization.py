@@ -126,7 +126,7 @@ def load_prompts(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise PromptLoadError(f"{path}: prompts were saved for another model: " + "; ".join(diffs))
     runtime = runtime_of(model)
     if runtime is not None:
-        diffs = _differences(config.to_dict(), runtime.config.to_dict())
+        diffs = _differences(config.prompt_fields(), runtime.config.prompt_fields())
         if diffs:
             raise PromptLoadError(f"{path}: the model is patched with another prompt config: " + "; ".join(diffs))
     tfile = Path(path) / TENSORS_FILE

@@ -79,7 +79,7 @@ def test_model_that_ignores_the_attention_function_is_detected(monkeypatch):
     """DeBERTa-v2 accepts a custom attn_implementation and never calls it: the patch-time probe notices."""
     spec = architectures.ArchSpec(
         "deberta-v2",
-        lambda m: [architectures._stack("encoder", m.base_model.encoder.layer, lambda l: l.attention.self, False)],
+        lambda m: [architectures._stack("encoder", m.base_model.encoder.layer, lambda l: l.attention.self, False, m.base_model)],
         True,
     )
     monkeypatch.setitem(architectures.SPECS, "deberta-v2", spec)

@@ -16,12 +16,18 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class Stack:
-    """One stack of transformer layers: layers[i] holds self_attention[i]."""
+    """One stack of transformer layers: layers[i] holds self_attention[i].
+
+    owner: the module whose forward takes the stack's (input_ids, attention_mask) and runs the
+    layers; rotary: its rotary embedding module, or None for absolute positions.
+    """
 
     name: str
     layers: list[nn.Module]
     self_attention: list[nn.Module]
     causal: bool
+    owner: nn.Module
+    rotary: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -38,36 +44,40 @@ class ArchSpec:
     absolute_positions: bool
 
 
-def _stack(name, layers, attn, causal):
+def _stack(name, layers, attn, causal, owner, rotary=None):
     layers = list(layers)
-    return Stack(name, layers, [attn(layer) for layer in layers], causal)
+    return Stack(name, layers, [attn(layer) for layer in layers], causal, owner, rotary)
 
 
 def _bert_like(model):
     base = model.base_model
-    return [_stack("encoder", base.encoder.layer, lambda l: l.attention.self, bool(model.config.is_decoder))]
+    return [_stack("encoder", base.encoder.layer, lambda l: l.attention.self, bool(model.config.is_decoder), base)]
 
 
 def _distilbert(model):
-    return [_stack("transformer", model.base_model.transformer.layer, lambda l: l.attention, False)]
+    base = model.base_model
+    return [_stack("transformer", base.transformer.layer, lambda l: l.attention, False, base)]
 
 
 def _gpt2(model):
-    return [_stack("h", model.base_model.h, lambda l: l.attn, True)]
+    base = model.base_model
+    return [_stack("h", base.h, lambda l: l.attn, True, base)]
 
 
 def _llama_like(model):
-    return [_stack("layers", model.base_model.layers, lambda l: l.self_attn, True)]
+    base = model.base_model
+    return [_stack("layers", base.layers, lambda l: l.self_attn, True, base, base.rotary_emb)]
 
 
 def _opt(model):
-    return [_stack("decoder", model.base_model.decoder.layers, lambda l: l.self_attn, True)]
+    decoder = model.base_model.decoder  # OPTForCausalLM calls model.decoder directly
+    return [_stack("decoder", decoder.layers, lambda l: l.self_attn, True, decoder)]
 
 
 def _t5(model):
-    stacks = [_stack("encoder", model.encoder.block, lambda b: b.layer[0].SelfAttention, False)]
+    stacks = [_stack("encoder", model.encoder.block, lambda b: b.layer[0].SelfAttention, False, model.encoder)]
     if getattr(model, "decoder", None) is not None:
-        stacks.append(_stack("decoder", model.decoder.block, lambda b: b.layer[0].SelfAttention, True))
+        stacks.append(_stack("decoder", model.decoder.block, lambda b: b.layer[0].SelfAttention, True, model.decoder))
     return stacks
 
 

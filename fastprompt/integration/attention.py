@@ -23,28 +23,39 @@ class Binding:
 
     runtime: the model's PromptRuntime (supplies prefixes); slot: index of this layer's prefix,
     or None for none; inserted: number of prompt tokens inserted into this layer's hidden states
-    ahead of the real tokens (input prompts on bidirectional stacks), whose rows and columns
-    the model's mask does not cover yet.
+    ahead of the real tokens, whose rows and columns the model's mask does not cover yet;
+    causal: whether the stack is causal (inserted tokens then see only each other).
     """
 
-    __slots__ = ("runtime", "slot", "inserted", "calls")
+    __slots__ = ("runtime", "slot", "inserted", "causal", "calls")
 
-    def __init__(self, runtime, slot: int | None, inserted: int = 0):
-        self.runtime, self.slot, self.inserted, self.calls = runtime, slot, inserted, 0
+    def __init__(self, runtime, slot: int | None, inserted: int = 0, causal: bool = False):
+        self.runtime, self.slot, self.inserted, self.causal, self.calls = runtime, slot, inserted, causal, 0
 
 
-def extend_mask_for_inserted(mask: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, h, T, T) mask over real tokens -> (B, h, P+T, P+T) with P inserted tokens in front.
+def extend_mask_for_inserted(mask: torch.Tensor, n: int, causal: bool, q_len: int) -> torch.Tensor:
+    """Widens a mask over real tokens for n tokens inserted in front of them.
 
-    Inserted tokens see and are seen by every real key that some query may see (i.e. all
-    non-padding keys) and each other.
+    mask: (B, h, Q, K) bool (True = attend) or additive float over the real keys. When the
+    queries include the inserted tokens (q_len == Q + n) rows are added too: inserted tokens see
+    each other (causally on a causal stack) and, on a bidirectional stack, every real key that
+    any query may see (the non-padding keys). Real queries always see the inserted tokens.
+    Returns a bool mask (B, h, q_len, n + K).
     """
-    visible = mask if mask.dtype == torch.bool else mask == 0
-    b, h, t, _ = visible.shape
-    keys = visible.any(dim=-2, keepdim=True).expand(b, h, p, t)
-    right = torch.cat([keys, visible], dim=-2)
-    left = torch.ones(b, h, p + t, p, dtype=torch.bool, device=mask.device)
-    return torch.cat([left, right], dim=-1)
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    b, h, q, k = visible.shape
+    front = torch.ones(b, h, q, n, dtype=torch.bool, device=mask.device)
+    real_rows = torch.cat([front, visible], dim=-1)
+    if q_len == q:  # decoding: the queries are real tokens only
+        return real_rows
+    own = torch.ones(n, n, dtype=torch.bool, device=mask.device)
+    own = own.tril() if causal else own
+    if causal:
+        to_real = torch.zeros(b, h, n, k, dtype=torch.bool, device=mask.device)
+    else:
+        to_real = visible.any(dim=-2, keepdim=True).expand(b, h, n, k)
+    inserted_rows = torch.cat([own.expand(b, h, n, n), to_real], dim=-1)
+    return torch.cat([inserted_rows, real_rows], dim=-2)
 
 
 def fastprompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -53,8 +64,14 @@ def fastprompt_attention(module, query, key, value, attention_mask, scaling=None
     if binding is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     binding.calls += 1
-    if binding.inserted and attention_mask is not None and attention_mask.shape[-1] == key.shape[-2] - binding.inserted:
-        attention_mask = extend_mask_for_inserted(attention_mask, binding.inserted)
+    n = binding.inserted
+    if n and attention_mask is not None and attention_mask.shape[-1] == key.shape[-2] - n:
+        attention_mask = extend_mask_for_inserted(attention_mask, n, binding.causal, query.shape[-2])
+    bias = kwargs.get("position_bias")
+    if n and bias is not None and bias.shape[-1] == key.shape[-2] - n:
+        # a relative position bias computed below the inserted tokens: they get none
+        rows = n if bias.shape[-2] == query.shape[-2] - n else 0
+        kwargs["position_bias"] = bias = torch.nn.functional.pad(bias, (n, 0, rows, 0))
     kv = binding.runtime.prefix(binding.slot, query.dtype, query.device)
     if kv is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -66,7 +83,7 @@ def fastprompt_attention(module, query, key, value, attention_mask, scaling=None
         mask=attention_mask,
         causal=bool(is_causal) and attention_mask is None,
         scale=scaling,
-        bias=kwargs.get("position_bias"),
+        bias=bias,
         dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), None

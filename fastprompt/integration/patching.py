@@ -1,16 +1,17 @@
 """Installing prompts into a transformers model and removing them again.
 
-Two ways in, both through the registered attention function (never `past_key_values`):
+Everything enters through the registered attention function (never `past_key_values`):
 - deep prefixes (ptv2): every self-attention layer >= start_layer gets a K/V prefix slot;
 - input prompts on a causal stack: the P prompt tokens come before every real token and see
   none of them, so each layer's prompt K/V are a function of the prompt alone. They are
   computed once per forward by running the frozen stack on the P prompt embeddings (once in
   all at inference) and then used as that layer's prefix: identical to prepending the prompt
   at the input, the KV cache holds real tokens only and generate() needs nothing special;
-- input prompts on a bidirectional stack (BERT, T5's encoder): the prompt tokens are inserted
-  ahead of the hidden states entering the first layer, the attention function widens the
-  mask to cover them, and they are removed after the last layer, so heads, poolers, losses
-  and labels see the input's own length.
+- input prompts on a bidirectional stack (BERT, T5's encoder) and Late Prompt Tuning: tokens
+  inserted into the hidden states ahead of a layer (see insertion.py).
+Layers below the first prompted layer run without autograd; with checkpointing, the layers
+that do build a graph are recomputed in backward (see truncation.py). Quantised (bitsandbytes)
+backbones need one fix-up: 4-bit layers must not repack their weights for CPU inference.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch.nn as nn
 
 from . import attention
 from .architectures import Stack, UnsupportedModelError, fingerprint, spec_for
-from .prompts import DeepPrefix, SoftPrompt, _FoldCache
+from .insertion import install_insertion
+from .prompts import DeepPrefix, LatePromptGenerator, SoftPrompt, _FoldCache
+from .truncation import install_truncation, remove_truncation
 
 PROMPT_MODULE = "fastprompt"
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
@@ -39,7 +42,10 @@ class PromptRuntime:
         self.computing = False
         self.prompt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.inserted_in_flight = 0
+        self.mask2d: torch.Tensor | None = None
         self.handles: list = []
+        self.wrapped_forwards: list = []
+        self.bnb_cpu_packing: list = []
         self.bound: list[nn.Module] = []
         self.requires_grad: dict[str, bool] = {}
         self.attn_implementation = model.config._attn_implementation
@@ -95,14 +101,26 @@ def _prompt_init(model, config, insert: bool) -> torch.Tensor:
         return (_embed_for_insertion(model, ids) if insert else emb(ids)).float()
 
 
-def _bind(runtime, module, slot, inserted=0):
+def _bind(runtime, module, slot, inserted=0, causal=False):
     # a plain attribute, not a submodule: the model's state_dict and module tree stay as they were
-    module.__dict__["_fastprompt"] = attention.Binding(runtime, slot, inserted)
+    module.__dict__["_fastprompt"] = attention.Binding(runtime, slot, inserted, causal)
     runtime.bound.append(module)
 
 
+def _capture_mask(runtime, stack: Stack) -> None:
+    """Keeps the (B, T) padding mask the stack's owner is called with, for the inserted tokens."""
+
+    def prehook(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        runtime.mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        runtime.inserted_in_flight = 0  # a forward that raised midway leaves nothing behind
+        return None
+
+    runtime.handles.append(stack.owner.register_forward_pre_hook(prehook, with_kwargs=True))
+
+
 def _install_prompt_kv(model, runtime, stack: Stack, absolute_positions: bool):
-    base = model.base_model
+    base = stack.owner
     for i, attn in enumerate(stack.self_attention):
         _bind(runtime, attn, i)
     soft = runtime.prompts
@@ -128,44 +146,10 @@ def _install_prompt_kv(model, runtime, stack: Stack, absolute_positions: bool):
         runtime.prompt_kv = runtime._kv_cache.get(list(soft.parameters()), None, compute)
         return None
 
-    def hook(module, args, kwargs, output):
-        if not runtime.computing and torch.is_grad_enabled():
-            runtime.prompt_kv = None  # drop the graph reference once the forward is done
-        return None
-
-    # hooked on the stack's own first and last layers: some task models call an inner module
-    # (OPTForCausalLM calls model.decoder), never the base model's forward
+    # hooked on the stack's first layer (OPTForCausalLM calls model.decoder, never the base
+    # model). The K/V stay until the next forward replaces them: a checkpointed layer's
+    # recompute in backward reads them again
     runtime.handles.append(stack.layers[0].register_forward_pre_hook(prehook, with_kwargs=True))
-    runtime.handles.append(stack.layers[-1].register_forward_hook(hook, with_kwargs=True))
-
-
-def _install_insertion(runtime, stack: Stack):
-    p = runtime.prompts.num_tokens
-    for attn in stack.self_attention:
-        _bind(runtime, attn, None, inserted=p)
-    soft = runtime.prompts
-
-    def prehook(module, args, kwargs):
-        hs = args[0] if args else kwargs["hidden_states"]
-        prompt = soft.embedding.to(hs.dtype)[None].expand(hs.shape[0], -1, -1)
-        hs = torch.cat([prompt, hs], dim=1)
-        runtime.inserted_in_flight += 1
-        if args:
-            return (hs, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hs}
-
-    def strip(module, args, kwargs, output):
-        if runtime.inserted_in_flight == 0:
-            return None
-        runtime.inserted_in_flight -= 1
-        if isinstance(output, torch.Tensor):
-            return output[:, p:]
-        if isinstance(output, tuple):
-            return (output[0][:, p:], *output[1:])
-        raise TypeError(f"unexpected layer output {type(output)}")
-
-    runtime.handles.append(stack.layers[0].register_forward_pre_hook(prehook, with_kwargs=True))
-    runtime.handles.append(stack.layers[-1].register_forward_hook(strip, with_kwargs=True, always_call=True))
 
 
 def _probe(model, runtime) -> None:
@@ -198,6 +182,10 @@ def prompt_shapes(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     p, h = config.num_tokens, fp["hidden_size"]
     if config.method == "prompt":
         return {"embedding": (p, h)}
+    if config.method == "lpt":
+        r = config.generator_hidden
+        up = p * h if config.generator == "npg" else h
+        return {"down.weight": (r, h), "down.bias": (r,), "up.weight": (up, r), "up.bias": (up,)}
     n_slots = sum(max(len(s.layers) - config.start_layer, 0) for s in stacks)
     if not config.reparam:
         return {"prefix": (n_slots, 2, fp["kv_heads"], p, fp["head_dim"])}
@@ -229,12 +217,15 @@ def install(model: nn.Module, config) -> PromptRuntime:
             reparam=config.reparam, reparam_hidden=config.reparam_hidden, dropout=config.prefix_dropout,
         )
         mode = "prefix"
-    else:  # "prompt"
+    elif config.method == "prompt":
         if config.start_layer != 0:
             raise ValueError(f"start_layer must be 0 for method='prompt' (the prompt is at the input), got {config.start_layer}")
         insert = not stacks[0].causal
         prompts = SoftPrompt(_prompt_init(model, config, insert))
         mode = "insert" if insert else "prompt_kv"
+    else:  # "lpt"
+        prompts = LatePromptGenerator(fp["hidden_size"], config.num_tokens, config.generator, config.generator_hidden)
+        mode = "insert"
 
     device = next(model.parameters()).device
     prompts.to(device)
@@ -242,6 +233,7 @@ def install(model: nn.Module, config) -> PromptRuntime:
     runtime.fingerprint = fp
     heads = _head_modules(model, config) if config.train_head else []
     runtime.head_names = [n for n, _ in heads]
+    first = stacks[0]
     try:
         if mode == "prefix":
             slot = 0
@@ -251,9 +243,25 @@ def install(model: nn.Module, config) -> PromptRuntime:
                         _bind(runtime, attn, slot)
                         slot += 1
         elif mode == "prompt_kv":
-            _install_prompt_kv(model, runtime, stacks[0], spec.absolute_positions)
+            _install_prompt_kv(model, runtime, first, spec.absolute_positions)
         else:
-            _install_insertion(runtime, stacks[0])
+            _capture_mask(runtime, first)
+            if config.method == "prompt":
+                soft = prompts
+
+                def make_tokens(hs, real, source):
+                    return soft.embedding[None].expand(hs.shape[0], -1, -1)
+            else:
+                def make_tokens(hs, real, source):
+                    return prompts(hs, real, source)
+            install_insertion(runtime, first, config.start_layer, config.num_tokens, make_tokens, first.rotary, _bind)
+
+        # layers below the first prompt of the first stack have frozen inputs only: no graph there.
+        # Later stacks (T5's decoder) read the first stack's output, so all their layers keep theirs.
+        L = config.start_layer
+        checkpointed = first.layers[L:] + [l for s in stacks[1:] for l in s.layers] if config.checkpointing else []
+        install_truncation(first.layers[:L], checkpointed, runtime.wrapped_forwards, bypass=lambda: runtime.computing)
+        _keep_4bit_trainable(model, runtime)
 
         runtime.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
@@ -264,7 +272,10 @@ def install(model: nn.Module, config) -> PromptRuntime:
         for _, head in heads:
             for p in head.parameters():
                 if not p.is_floating_point():
-                    raise ValueError(f"the task head has non-float parameters ({p.dtype}): keep heads out of quantisation")
+                    raise ValueError(
+                        f"the task head has non-float parameters ({p.dtype}): keep heads out of quantisation, e.g. "
+                        "BitsAndBytesConfig(..., llm_int8_skip_modules=[\"classifier\", \"pooler\", \"score\"]), or pass train_head=False"
+                    )
                 p.requires_grad_(True)
         model.__dict__["_fastprompt_runtime"] = runtime
         attention.register()
@@ -276,11 +287,30 @@ def install(model: nn.Module, config) -> PromptRuntime:
     return runtime
 
 
+def _keep_4bit_trainable(model, runtime) -> None:
+    """bitsandbytes' 4-bit layers repack their weights for CPU inference on the first eval
+    forward without grad, after which no gradient flows through them: switch that off (and
+    undo a repack that already happened), keeping the flags to restore on unpatch."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            runtime.bnb_cpu_packing.append((m, m.support_avx512bf16_for_cpu))
+            m.support_avx512bf16_for_cpu = False
+            state = getattr(m.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, state)
+
+
 def uninstall(model: nn.Module, runtime: PromptRuntime) -> None:
     """Removes everything `install` added and restores attention and requires_grad flags."""
     for h in runtime.handles:
         h.remove()
     runtime.handles.clear()
+    remove_truncation(runtime.wrapped_forwards)
+    for m, flag in runtime.bnb_cpu_packing:
+        m.support_avx512bf16_for_cpu = flag
+    runtime.bnb_cpu_packing.clear()
     for m in runtime.bound:
         m.__dict__.pop("_fastprompt", None)
     runtime.bound.clear()

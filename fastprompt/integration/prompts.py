@@ -94,3 +94,49 @@ class SoftPrompt(nn.Module):
     @property
     def num_tokens(self) -> int:
         return self.embedding.shape[0]
+
+
+class LatePromptGenerator(nn.Module):
+    """Late Prompt Tuning's prompt generator: per example, n tokens from the layer-L input.
+
+    kind "npg": the [CLS] state (decoders: the last real token) -> Linear(H, r) -> ReLU ->
+    Linear(r, n * H). kind "avgpool"/"maxpool": Linear(H, r) on every token -> adaptive
+    average/max pool over the real tokens to n -> ReLU -> Linear(r, H).
+    """
+
+    def __init__(self, hidden_size: int, num_tokens: int, kind: str = "npg", hidden: int = 128):
+        super().__init__()
+        self.kind, self.num_tokens, self.hidden_size = kind, num_tokens, hidden_size
+        self.down = nn.Linear(hidden_size, hidden)
+        self.up = nn.Linear(hidden, num_tokens * hidden_size if kind == "npg" else hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, real: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, T, H); real: (B, T) bool, True for real tokens; source: (B,) index of
+        the token npg reads. Returns (B, n, H) in hidden_states' dtype."""
+        x = hidden_states.to(self.down.weight.dtype)
+        b, t, _ = x.shape
+        if self.kind == "npg":
+            h = torch.relu(self.down(x[torch.arange(b, device=x.device), source]))
+            return self.up(h).view(b, self.num_tokens, self.hidden_size).to(hidden_states.dtype)
+        h = self.down(x)  # (B, T, r)
+        bins = _pool_bins(real, self.num_tokens)  # (B, n, T): which real tokens feed each output
+        if self.kind == "avgpool":
+            pooled = torch.bmm(bins / bins.sum(-1, keepdim=True).clamp(min=1), h)
+        else:
+            pooled = h[:, None].masked_fill(~bins.bool()[..., None], float("-inf")).amax(dim=2)
+        return self.up(torch.relu(pooled)).to(hidden_states.dtype)
+
+
+def _pool_bins(real: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T) bool -> (B, n, T) float: adaptive pooling bins over each example's real tokens.
+
+    Bin i covers real positions [floor(i*L/n), ceil((i+1)*L/n)) of an example with L real
+    tokens, as torch's adaptive pooling does on the unpadded sequence.
+    """
+    length = real.sum(-1, keepdim=True)  # (B, 1)
+    rank = real.cumsum(-1) - 1  # position among real tokens
+    i = torch.arange(n, device=real.device)[None, :, None]
+    start = (i * length[:, None]) // n
+    end = -((-(i + 1) * length[:, None]) // n)
+    r = rank[:, None, :]
+    return ((r >= start) & (r < end) & real[:, None, :]).float()

@@ -1,0 +1,66 @@
+"""Per-layer forward wrappers: no autograd below the first prompt, checkpointing from it on.
+
+Wrappers are set as an instance attribute `forward` (not a submodule, not a class change), so
+hooks still run once around them, state_dict names stay the same, and removal restores the
+layer exactly. A layer below the first prompt layer of the first stack has only frozen inputs,
+so running it without a graph loses no gradient and the backward pass stops there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
+
+_MISSING = object()
+
+
+def _set_forward(layer: nn.Module, make, saved: list) -> None:
+    previous = layer.__dict__.get("forward", _MISSING)
+    original = layer.forward
+    layer.forward = functools.wraps(original)(make(original))
+    saved.append((layer, previous))
+
+
+def _no_grad(original):
+    def forward(*args, **kwargs):
+        with torch.no_grad():
+            return original(*args, **kwargs)
+
+    return forward
+
+
+def _checkpointed(original, bypass):
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled() or bypass():
+            return original(*args, **kwargs)
+        # the recompute must not write the KV cache a second time (as transformers' own checkpointing);
+        # GPT-2 passes its cache positionally
+        args = tuple(None if isinstance(a, Cache) else a for a in args)
+        if kwargs.get("past_key_values") is not None:
+            kwargs["past_key_values"] = None
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+def install_truncation(layers_without_grad, layers_checkpointed, saved: list, bypass=lambda: False) -> None:
+    """bypass(): True while a call must run unwrapped (the prompt's own pass that fills a KV cache)."""
+    for layer in layers_without_grad:
+        _set_forward(layer, _no_grad, saved)
+    for layer in layers_checkpointed:
+        _set_forward(layer, lambda original: _checkpointed(original, bypass), saved)
+
+
+def remove_truncation(saved: list) -> None:
+    for layer, previous in reversed(saved):
+        if previous is _MISSING:
+            layer.__dict__.pop("forward", None)
+        else:
+            layer.__dict__["forward"] = previous
+    saved.clear()

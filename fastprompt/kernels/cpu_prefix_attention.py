@@ -33,100 +33,98 @@ def _unrows(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.view(h, b, bs // b, d).transpose(0, 1)
 
 
-def _per_head(prefix: torch.Tensor, g: int) -> torch.Tensor:
-    """(..., Hkv, P, D) -> (..., H, P, D): each query head's kv-head prefix (G copies, never B)."""
-    return prefix if g == 1 else prefix.repeat_interleave(g, dim=-3)
-
-
-def _bank_bmm(x_rows, prefix, prompt_ids, b, transpose):
-    """x_rows: (H, B*S, X); prefix: (H, P, D) or bank (T, H, P, D) -> x @ prefix^T or x @ prefix per example's prompt."""
-    if prompt_ids is None:
-        return torch.bmm(x_rows, prefix.transpose(1, 2) if transpose else prefix)
-    h, bs, _ = x_rows.shape
-    s = bs // b
-    xs = x_rows.view(h, b, s, -1)
-    out = None
-    for t in torch.unique(prompt_ids).tolist():
-        idx = (prompt_ids == t).nonzero(as_tuple=True)[0]
-        pt = prefix[t].transpose(1, 2) if transpose else prefix[t]
-        part = torch.bmm(xs.index_select(1, idx).reshape(h, -1, xs.shape[-1]), pt).view(h, idx.numel(), s, -1)
-        if out is None:
-            out = part.new_empty(h, b, s, part.shape[-1])
-        out[:, idx] = part
-    return out.view(h, bs, -1)
-
-
-def _bank_grad(a_rows, x_rows, prompt_ids, b, bank_shape):
-    """sum over the examples of each prompt of a^T x: (H, B*S, P), (H, B*S, D) -> (H, P, D) or (T, H, P, D)."""
-    if prompt_ids is None:
-        return torch.bmm(a_rows.transpose(1, 2), x_rows)
-    h, bs, _ = a_rows.shape
-    s = bs // b
-    out = a_rows.new_zeros(bank_shape)
-    for t in torch.unique(prompt_ids).tolist():
-        idx = (prompt_ids == t).nonzero(as_tuple=True)[0]
-        a = a_rows.view(h, b, s, -1).index_select(1, idx).reshape(h, -1, a_rows.shape[-1])
-        x = x_rows.view(h, b, s, -1).index_select(1, idx).reshape(h, -1, x_rows.shape[-1])
-        out[t] = torch.bmm(a.transpose(1, 2), x)
-    return out
-
-
 class _MergedPrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pk, pv, prompt_ids, attn_bias, causal, scale, dead_rows):
         b, h, s, d = q.shape
-        g = h // k.shape[1]
-        kr, vr = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
-        out_s, lse_raw = _FWD(q, kr, vr, 0.0, causal, attn_mask=attn_bias, scale=scale)
+        # the kernel takes grouped-query K/V as they are (no repeat), forward and backward
+        out_s, lse_raw = _FWD(q, k, v, 0.0, causal, attn_mask=attn_bias, scale=scale)
         lse_s = _rows(lse_raw.float().unsqueeze(-1)).squeeze(-1)  # (H, B*S)
         if dead_rows is not None:  # the kernel reports LSE 0 for rows that see no sequence key
             lse_s = lse_s.masked_fill(_rows(dead_rows.expand(b, h, s).unsqueeze(-1)).squeeze(-1), float("-inf"))
-        pk_h, pv_h = _per_head(pk, g), _per_head(pv, g)
-        sp = _bank_bmm(_rows(q), pk_h, prompt_ids, b, True).float() * scale  # (H, B*S, P)
-        lse = torch.logaddexp(lse_s, sp.logsumexp(-1))
-        pp = torch.exp(sp - lse[..., None])
-        weight = torch.exp(lse_s - lse)[..., None]
+        out_p, lse_p = _prefix_forward(q, pk, pv, prompt_ids, scale)  # (H, B*S, D), (H, B*S)
+        lse = torch.logaddexp(lse_s, lse_p)
+        w_s = torch.exp(lse_s - lse)[..., None]
+        w_p = torch.exp(lse_p - lse)[..., None]
         out_rows = _rows(out_s)  # a view when q came in transformers' (B, S, H, D) layout
-        if prompt_ids is None and q.dtype == torch.float32 and out_rows._base is not None:
-            # in place, one fused product-and-add: out = out_s * w + P_prefix @ V_prefix
-            out_rows.mul_(weight).baddbmm_(pp, pv_h)
+        if q.dtype == torch.float32 and out_rows._base is not None:
+            out_rows.mul_(w_s).addcmul_(out_p, w_p)  # in place: out_s becomes the merged output
             out = out_s
         else:
-            mixed = out_rows.float() * weight + _bank_bmm(pp.to(q.dtype), pv_h, prompt_ids, b, False).float()
             out = torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # transformers' layout
-            _rows(out).copy_(mixed)
+            _rows(out).copy_(out_rows.float() * w_s + out_p.float() * w_p)
         lse_saved = torch.empty_like(lse_raw)  # the backward kernel expects the forward's LSE layout
         _rows(lse_saved.unsqueeze(-1)).squeeze(-1).copy_(lse)
-        # the prefix probabilities (B*S*H*P, small next to q, k, v, out) are kept rather than recomputed
-        ctx.save_for_backward(q, k, v, pk, pv, out, lse_saved, pp.to(q.dtype), prompt_ids, attn_bias)
+        ctx.save_for_backward(q, k, v, pk, pv, out, lse_saved, prompt_ids, attn_bias)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, pk, pv, out, lse, pp, prompt_ids, attn_bias = ctx.saved_tensors
-        b, h, s, d = q.shape
-        hkv = k.shape[1]
-        g = h // hkv
-        scale = ctx.scale
-        kr, vr = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
-        dq, dk, dv = _BWD(dout, q, kr, vr, out, lse, 0.0, ctx.causal, attn_mask=attn_bias, scale=scale)
-        if g > 1:
-            dk = dk.unflatten(1, (hkv, g)).sum(2)
-            dv = dv.unflatten(1, (hkv, g)).sum(2)
-        # prefix part: P = exp(s - LSE), dS = P * (dO V^T - rowsum(dO * O))
-        pk_h, pv_h = _per_head(pk, g), _per_head(pv, g)
-        q_r, do_r = _rows(q), _rows(dout)
-        dp = _bank_bmm(do_r, pv_h, prompt_ids, b, True).float()
-        row = torch.linalg.vecdot(do_r.float(), _rows(out).float()).unsqueeze(-1)
-        ds = (pp.float() * (dp - row)).to(q.dtype)
-        dq.add_(_unrows(_bank_bmm(ds, pk_h, prompt_ids, b, False), b), alpha=scale)
-        dpk = _bank_grad(ds, q_r, prompt_ids, b, pk_h.shape) * scale
-        dpv = _bank_grad(pp, do_r, prompt_ids, b, pv_h.shape)
-        if g > 1:
-            dpk = dpk.unflatten(-3, (hkv, g)).sum(-3)
-            dpv = dpv.unflatten(-3, (hkv, g)).sum(-3)
+        q, k, v, pk, pv, out, lse, prompt_ids, attn_bias = ctx.saved_tensors
+        b = q.shape[0]
+        # given the merged output and LSE, each kernel call yields the full softmax's gradients
+        # restricted to its own keys: the sequence's, then the prefix's (batch-reduced inside)
+        dq, dk, dv = _BWD(dout, q, k, v, out, lse, 0.0, ctx.causal, attn_mask=attn_bias, scale=ctx.scale)
+        dq_p, dpk, dpv = _prefix_backward(dout, q, pk, pv, out, lse, prompt_ids, ctx.scale)
+        dq.add_(_unrows(dq_p, b))
         return dq, dk, dv, dpk, dpv, None, None, None, None, None
+
+
+def _prefix_groups(b, prompt_ids):
+    """[(example indices or None, prompt index or None)]: one call per prompt of a bank."""
+    if prompt_ids is None:
+        return [(None, None)]
+    return [((prompt_ids == t).nonzero(as_tuple=True)[0], t) for t in torch.unique(prompt_ids).tolist()]
+
+
+def _rows_of(x, idx, b):
+    """x: (B, H, S, X) -> (1, H, n*S, X) rows of the examples idx (all when None): the prefix
+    attention is one 'batch' whose queries are every row of those examples."""
+    r = _rows(x)
+    if idx is None:
+        return r.unsqueeze(0)
+    h, bs, d = r.shape
+    return r.view(h, b, bs // b, d).index_select(1, idx).reshape(h, -1, d).unsqueeze(0)
+
+
+def _prefix_forward(q, pk, pv, prompt_ids, scale):
+    """Attention of every query row over the prefix alone: (H, B*S, D) output and (H, B*S) LSE."""
+    b, h, s, d = q.shape
+    groups = _prefix_groups(b, prompt_ids)
+    if groups[0][0] is None:
+        o, l = _FWD(_rows_of(q, None, b), pk.unsqueeze(0), pv.unsqueeze(0), 0.0, False, scale=scale)
+        return o[0], l[0].float()
+    out = q.new_empty(h, b, s, d)
+    lse = torch.empty(h, b, s, dtype=torch.float32, device=q.device)
+    for idx, t in groups:
+        o, l = _FWD(_rows_of(q, idx, b), pk[t].unsqueeze(0), pv[t].unsqueeze(0), 0.0, False, scale=scale)
+        out[:, idx] = o[0].reshape(h, idx.numel(), s, d)
+        lse[:, idx] = l[0].float().reshape(h, idx.numel(), s)
+    return out.view(h, b * s, d), lse.view(h, b * s)
+
+
+def _prefix_backward(dout, q, pk, pv, out, lse, prompt_ids, scale):
+    """dq (H, B*S, D) from the prefix keys, and the prefix gradients summed over the batch."""
+    b, h, s, d = q.shape
+    lse4 = lse.unsqueeze(-1)  # (B, H, S, 1): rows() works on 4-D tensors
+    groups = _prefix_groups(b, prompt_ids)
+    if groups[0][0] is None:
+        dq, dpk, dpv = _BWD(
+            _rows_of(dout, None, b), _rows_of(q, None, b), pk.unsqueeze(0), pv.unsqueeze(0),
+            _rows_of(out, None, b), _rows_of(lse4, None, b)[..., 0], 0.0, False, scale=scale,
+        )
+        return dq[0], dpk[0], dpv[0]
+    dq = q.new_empty(h, b, s, d)
+    dpk, dpv = torch.zeros_like(pk), torch.zeros_like(pv)
+    for idx, t in groups:
+        gq, gk, gv = _BWD(
+            _rows_of(dout, idx, b), _rows_of(q, idx, b), pk[t].unsqueeze(0), pv[t].unsqueeze(0),
+            _rows_of(out, idx, b), _rows_of(lse4, idx, b)[..., 0].contiguous(), 0.0, False, scale=scale,
+        )
+        dq[:, idx] = gq[0].reshape(h, idx.numel(), s, d)
+        dpk[t], dpv[t] = gk[0], gv[0]
+    return dq.view(h, b * s, d), dpk, dpv
 
 
 def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, prompt_ids, mask, causal, scale, bias, dropout_p):

@@ -1,0 +1,415 @@
+"""Prefix-concat attention in Triton: a prefix phase, then a sequence phase, one online softmax.
+
+Forward (one program per BLOCK_M queries of one (batch, head)): the running max, sum and
+accumulator are fp32 and in base 2 (scale folded into qk_scale); the P prefix keys/values are
+read from the one shared prefix (or the example's prompt of a bank) and the sequence keys from
+the example's own K/V; nothing is concatenated or copied per example. The base-2 log-sum-exp
+of each row is stored for the backward.
+
+Backward: `_bwd_preprocess` computes delta = rowsum(dO * O); `_bwd_dq` (per query block)
+recomputes probabilities from the LSE and accumulates dQ over the prefix and the sequence;
+`_bwd_dkdv` (per key block of one (batch, kv head), all G query heads of the group inside, so no
+atomics) writes dK/dV for sequence blocks and, for prefix blocks, adds the example's partial
+prefix gradient into an fp32 (T, Hkv, P, D) buffer with atomics: the batch reduction happens
+there, with no (B, ...) prefix-sized buffer anywhere.
+
+Masks: `mask` is any bool tensor broadcastable to (B, H, S, Sk) read through strides (stride 0
+for broadcast dims), `bias` likewise (float, T5's position bias); `causal` is bottom-right
+aligned. Both apply to the sequence keys only: the prefix is visible to every query.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scores(q, k, qk_scale, FP32_IEEE: tl.constexpr):
+    """(BLOCK_M, D) x (BLOCK_N, D) -> (BLOCK_M, BLOCK_N) fp32 scores in base 2."""
+    if FP32_IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    return s * qk_scale
+
+
+@triton.jit
+def _mm(a, b, FP32_IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; exact fp32 (no TF32) when the inputs are fp32."""
+    if FP32_IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: which sequence keys each query may see."""
+    valid = (offs_n[None, :] < SK) & (offs_m[:, None] < S)
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (SK - S))
+    if HAS_MASK:
+        mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+        m = tl.load(mptr, mask=(offs_m[:, None] < S) & (offs_n[None, :] < SK), other=0)
+        valid = valid & (m != 0)
+    return valid
+
+
+@triton.jit
+def _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn):
+    ptr = Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn
+    return tl.load(ptr, mask=(offs_m[:, None] < S) & (offs_n[None, :] < SK), other=0.0).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, PK, PV, Ids, Mask, Bias, Out, Lse,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    spt, sph, spn, spd,
+    svt, svph, svpn, svpd,
+    smb, smh, smm, smn,
+    sbb, sbh, sbm, sbn,
+    sob, soh, som, sod,
+    H, G, S, SK, P, D, qk_scale,
+    HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // G
+    t = 0
+    if HAS_BANK:
+        t = tl.load(Ids + b)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=(offs_m[:, None] < S) & d_ok, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # prefix phase: visible to every query; P >= 1 makes every row's max finite from here on
+    for start_n in range(0, P, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < P) & d_ok
+        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :] * spd, mask=kv_ok, other=0.0)
+        s = _scores(q, k, qk_scale, FP32_IEEE)
+        s = tl.where(offs_n[None, :] < P, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :] * svpd, mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
+        m_i = m_new
+
+    # sequence phase
+    hi = SK
+    if CAUSAL:
+        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + SK - S)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < SK) & d_ok
+        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
+        s = _scores(q, k, qk_scale, FP32_IEEE)
+        if HAS_BIAS:
+            s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
+        valid = _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn, CAUSAL, HAS_MASK)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    row_ok = offs_m < S
+    tl.store(Lse + pid_bh * S + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+
+
+@triton.jit
+def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, S, D,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < S) & (offs_d[None, :] < D)
+    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S)
+
+
+@triton.jit
+def _bwd_dq(
+    Q, K, V, PK, PV, Ids, Mask, Bias, DO, Lse, Delta, DQ,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    spt, sph, spn, spd,
+    svt, svph, svpn, svpd,
+    smb, smh, smm, smn,
+    sbb, sbh, sbm, sbn,
+    sdb, sdh, sdm, sdd,
+    H, G, S, SK, P, D, qk_scale, sm_scale,
+    HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hkv = h // G
+    t = 0
+    if HAS_BANK:
+        t = tl.load(Ids + b)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    row_ok = offs_m[:, None] < S
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok & d_ok, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=row_ok & d_ok, other=0.0)
+    lse = tl.load(Lse + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
+    delta = tl.load(Delta + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, P, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < P) & d_ok
+        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :] * spd, mask=kv_ok, other=0.0)
+        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :] * svpd, mask=kv_ok, other=0.0)
+        s = _scores(q, k, qk_scale, FP32_IEEE)
+        p = tl.where(offs_n[None, :] < P, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _scores(do, v, 1.0, FP32_IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, FP32_IEEE)
+    hi = SK
+    if CAUSAL:
+        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + SK - S)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (offs_n[:, None] < SK) & d_ok
+        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+        s = _scores(q, k, qk_scale, FP32_IEEE)
+        if HAS_BIAS:
+            s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
+        valid = _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn, CAUSAL, HAS_MASK)
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _scores(do, v, 1.0, FP32_IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, FP32_IEEE)
+    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok & d_ok)
+
+
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, PK, PV, Ids, Mask, Bias, DO, Lse, Delta, DK, DV, DPK, DPV,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    spt, sph, spn, spd,
+    svt, svph, svpn, svpd,
+    smb, smh, smm, smn,
+    sbb, sbh, sbm, sbn,
+    sdb, sdh, sdm, sdd,
+    H, G, S, SK, P, D, NP_BLOCKS, qk_scale, sm_scale,
+    HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Key blocks [0, NP_BLOCKS) are prefix blocks, the rest sequence blocks, of one (batch, kv head)."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    Hkv = H // G
+    b = pid_bk // Hkv
+    hkv = pid_bk % Hkv
+    t = 0
+    if HAS_BANK:
+        t = tl.load(Ids + b)
+    is_prefix = pid_n < NP_BLOCKS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    if is_prefix:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < P
+        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :] * spd, mask=n_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :] * svpd, mask=n_ok[:, None] & d_ok, other=0.0)
+    else:
+        offs_n = (pid_n - NP_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < SK
+        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = pid_n * 0
+    if CAUSAL:
+        if not is_prefix:
+            # queries before this key block (bottom-right aligned) never see it
+            lo = tl.maximum(0, ((pid_n - NP_BLOCKS) * BLOCK_N - (SK - S)) // BLOCK_M * BLOCK_M)
+    for g in range(0, G):
+        h = hkv * G + g
+        for start_m in range(lo, S, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < S
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok, other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=m_ok[:, None] & d_ok, other=0.0)
+            lse = tl.load(Lse + (b * H + h) * S + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(Delta + (b * H + h) * S + offs_m, mask=m_ok, other=0.0)
+            s = _scores(q, k, qk_scale, FP32_IEEE)
+            if is_prefix:
+                valid = m_ok[:, None] & n_ok[None, :]
+            else:
+                if HAS_BIAS:
+                    s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
+                valid = _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn, CAUSAL, HAS_MASK)
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+            dv += _mm(tl.trans(p.to(do.dtype)), do, FP32_IEEE)
+            dp = _scores(do, v, 1.0, FP32_IEEE)
+            ds = p * (dp - delta[:, None])
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32_IEEE)
+    dk = dk * sm_scale
+    ok = n_ok[:, None] & d_ok
+    if is_prefix:
+        # the batch (and the examples sharing a prompt) reduce here, into one fp32 prefix buffer
+        dst = t * (Hkv * P * D) + hkv * (P * D) + offs_n[:, None] * D + offs_d[None, :]
+        tl.atomic_add(DPK + dst, dk, mask=ok)
+        tl.atomic_add(DPV + dst, dv, mask=ok)
+    else:
+        dst = b * (Hkv * SK * D) + hkv * (SK * D) + offs_n[:, None] * D + offs_d[None, :]
+        tl.store(DK + dst, dk.to(DK.dtype.element_ty), mask=ok)
+        tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _strides4(x: torch.Tensor | None):
+    return (0, 0, 0, 0) if x is None else tuple(x.stride())
+
+
+def _broadcast_strides(x: torch.Tensor | None, b, h, s, sk):
+    """Strides of x read as (B, H, S, Sk), 0 where x broadcasts."""
+    if x is None:
+        return (0, 0, 0, 0)
+    x = x.expand(b, h, s, sk)
+    return tuple(x.stride())
+
+
+def _bank_view(prefix: torch.Tensor) -> torch.Tensor:
+    return prefix if prefix.dim() == 4 else prefix.unsqueeze(0)
+
+
+def _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
+    b, h, s, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    pkb, pvb = _bank_view(pk), _bank_view(pv)
+    p = pkb.shape[2]
+    mask_i8 = None if mask is None else mask.to(torch.int8) if mask.dtype == torch.bool else mask
+    dummy = q.new_empty(1)
+    return dict(
+        b=b, h=h, s=s, d=d, hkv=hkv, sk=sk, p=p, pkb=pkb, pvb=pvb,
+        ids=prompt_ids if prompt_ids is not None else dummy,
+        mask=mask_i8 if mask_i8 is not None else dummy,
+        bias=bias if bias is not None else dummy,
+        ms=_broadcast_strides(mask_i8, b, h, s, sk), bs=_broadcast_strides(bias, b, h, s, sk),
+        flags=dict(
+            HAS_BANK=prompt_ids is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
+            FP32_IEEE=q.dtype == torch.float32, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=_block_d(d),
+        ),
+        qk_scale=scale * LOG2E,
+    )
+
+
+def prefix_attention_forward(q, k, v, pk, pv, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None):
+    """Launches the forward kernel. Returns (out (B, H, S, D), lse2 (B, H, S) fp32, base 2)."""
+    config = config or DEFAULT_CONFIG
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
+    out = torch.empty(c["b"], c["s"], c["h"], c["d"], dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(c["b"], c["h"], c["s"], dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(c["s"], config["BLOCK_M"]), c["b"] * c["h"])
+    _fwd_kernel[grid](
+        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *c["pkb"].stride(), *c["pvb"].stride(),
+        *c["ms"], *c["bs"], *out.stride(),
+        c["h"], c["h"] // c["hkv"], c["s"], c["sk"], c["p"], c["d"], c["qk_scale"],
+        **c["flags"],
+    )
+    return out, lse
+
+
+def prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None):
+    """Launches the backward kernels. Returns dq, dk, dv, dpk, dpv (prefix grads reduced over the batch)."""
+    config = config or DEFAULT_CONFIG
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
+    b, h, s, d, hkv, sk, p = (c[x] for x in ("b", "h", "s", "d", "hkv", "sk", "p"))
+    bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], c["flags"]["BLOCK_D"]
+    delta = torch.empty_like(lse)
+    _bwd_preprocess[(triton.cdiv(s, bm), b * h)](out, do, delta, *out.stride(), *do.stride(), h, s, d, BLOCK_M=bm, BLOCK_D=bd)
+    dq = torch.empty_like(q)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *c["pkb"].stride(), *c["pvb"].stride(), *c["ms"], *c["bs"], *do.stride())
+    _bwd_dq[(triton.cdiv(s, bm), b * h)](
+        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], do, lse, delta, dq, *strides,
+        h, h // hkv, s, sk, p, d, c["qk_scale"], scale, **c["flags"],
+    )
+    if dq.stride() != q.stride():  # dq shares q's strides by construction (empty_like keeps them)
+        raise RuntimeError("internal: dq layout")
+    dk = torch.empty(b, hkv, sk, d, dtype=k.dtype, device=k.device)
+    dv = torch.empty(b, hkv, sk, d, dtype=v.dtype, device=v.device)
+    dpk = torch.zeros(c["pkb"].shape, dtype=torch.float32, device=q.device)
+    dpv = torch.zeros(c["pvb"].shape, dtype=torch.float32, device=q.device)
+    n_prefix_blocks = triton.cdiv(p, bn)
+    _bwd_dkdv[(n_prefix_blocks + triton.cdiv(sk, bn), b * hkv)](
+        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], do, lse, delta, dk, dv, dpk, dpv, *strides,
+        h, h // hkv, s, sk, p, d, n_prefix_blocks, c["qk_scale"], scale, **c["flags"],
+    )
+    if pk.dim() == 3:
+        dpk, dpv = dpk[0], dpv[0]
+    return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype)
+
+
+class _TritonPrefixAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale):
+        out, lse = prefix_attention_forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale)
+        ctx.save_for_backward(q, k, v, pk, pv, out, lse, prompt_ids, mask, bias)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, pk, pv, out, lse, prompt_ids, mask, bias = ctx.saved_tensors
+        dq, dk, dv, dpk, dpv = prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, ctx.causal, ctx.scale)
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None
+
+
+def prefix_attention_triton(q, k, v, prefix_k, prefix_v, prompt_ids, mask, causal, scale, bias, dropout_p):
+    """Same contract as `prefix_attention_torch`; no dropout. Runs on CUDA, or anywhere under TRITON_INTERPRET=1."""
+    if dropout_p:
+        raise ValueError("the triton backend does not support dropout; use backend='torch'")
+    if mask is not None and mask.dtype != torch.bool:
+        # an additive float mask is a bias for this kernel
+        bias = mask if bias is None else bias + mask
+        mask = None
+    if mask is not None and causal:
+        causal = False  # the mask already says it (the op's contract)
+    return _TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, prompt_ids, mask, bias, causal, scale)

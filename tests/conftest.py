@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+# Triton's interpreter has to be chosen before triton is first imported: on machines without a
+# GPU the Triton kernels then run on CPU tensors (tests/triton_harness.py)
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest
 import torch

@@ -10,13 +10,17 @@ import torch
 triton = pytest.importorskip("triton")
 
 from reference import concat_attention  # noqa: E402
-from triton_harness import compiled_kernels, cuobjdump, interpreted_kernels, resource_usage  # noqa: E402
+from triton_harness import compile_report, interpreted_kernels, ptxas_available  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 
 
 def _kernels():
-    return compiled_kernels() if ON_GPU else interpreted_kernels()
+    if ON_GPU:
+        from fastprompt.kernels import triton_prefix_attention
+
+        return triton_prefix_attention
+    return interpreted_kernels()
 
 
 def _device():
@@ -142,55 +146,29 @@ def test_autograd_function_and_prefix_grad_is_batch_reduced():
 # ---- compiled for real GPUs: registers, spills, shared memory ----
 
 SMEM_LIMIT = {80: 166912, 90: 232448}
-
-
-def _signature(kern_fn, dtype_str, d, flags):
-    import inspect
-
-    sig, constexprs = {}, {}
-    names = list(inspect.signature(kern_fn.fn).parameters)
-    ptr_float = {"Q", "K", "V", "PK", "PV", "Out", "DO", "DQ", "DK", "DV", "Bias"}
-    for name in names:
-        if name in flags:
-            constexprs[name] = flags[name]
-        elif name in ptr_float:
-            sig[name] = "*" + dtype_str
-        elif name in ("Lse", "Delta", "DPK", "DPV"):
-            sig[name] = "*fp32"
-        elif name == "Ids":
-            sig[name] = "*i64"
-        elif name == "Mask":
-            sig[name] = "*i8"
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig, constexprs
-
-
 KERNEL_NAMES = ["_fwd_kernel", "_bwd_preprocess", "_bwd_dq", "_bwd_dkdv"]
+COMPILE_CASES = [
+    {"kernel": k, "dtype": dt, "head_dim": d, "cc": cc}
+    for k in KERNEL_NAMES for dt, d in (("fp16", 64), ("bf16", 128), ("fp32", 64)) for cc in (80, 90)
+]
 
 
-@pytest.mark.skipif(cuobjdump() is None, reason="cuobjdump (bundled with triton's NVIDIA backend) not found")
-@pytest.mark.parametrize("cc", [80, 90])
-@pytest.mark.parametrize("dtype_str,d", [("fp16", 64), ("bf16", 128), ("fp32", 64)])
-@pytest.mark.parametrize("name", KERNEL_NAMES)
-def test_compiles_for_gpu_without_spills(name, dtype_str, d, cc, tmp_path, record_property):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    if not ptxas_available():
+        pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found")
+    report = compile_report(COMPILE_CASES, tmp_path_factory.mktemp("cubin"))
+    return {(c["kernel"], c["dtype"], c["head_dim"], c["cc"]): c for c in report}
 
-    kern = compiled_kernels()
-    fn = getattr(kern, name)
-    block_d = kern._block_d(d)
-    flags = dict(HAS_BANK=True, HAS_MASK=True, HAS_BIAS=False, CAUSAL=True, FP32_IEEE=dtype_str == "fp32",
-                 BLOCK_D=block_d, **kern.DEFAULT_CONFIG)
-    sig, constexprs = _signature(fn, dtype_str, d, flags)
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", cc, 32))
-    usage = resource_usage(compiled.asm["cubin"], tmp_path)
-    shared = compiled.metadata.shared
-    report = f"{name} {dtype_str} D={d} sm_{cc}: {usage.get('REG')} registers, stack {usage.get('STACK')}, local {usage.get('LOCAL')}, shared {shared} B"
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: f"{c['kernel']}-{c['dtype']}-D{c['head_dim']}-sm{c['cc']}")
+def test_compiles_for_gpu_without_spills(compiled, case, record_property):
+    c = compiled[(case["kernel"], case["dtype"], case["head_dim"], case["cc"])]
+    assert "error" not in c, c.get("error")
+    report = (f"{c['kernel']} {c['dtype']} D={c['head_dim']} sm_{c['cc']}: {c['registers']} registers, "
+              f"{c['spill_stores']} B spill stores, {c['spill_loads']} B spill loads, stack {c['stack']} B, shared {c['shared']} B")
     print(report)
     record_property("resources", report)
-    assert usage.get("REG", 0) > 0, usage
-    assert usage.get("STACK", 0) == 0 and usage.get("LOCAL", 0) == 0, f"register spills: {report}"
-    assert shared <= SMEM_LIMIT[cc], f"shared memory overflow: {report}"
+    assert c["registers"] > 0, c
+    assert c["spill_stores"] == 0 and c["spill_loads"] == 0, f"register spills: {report}"
+    assert c["shared"] <= SMEM_LIMIT[c["cc"]], f"shared memory overflow: {report}"

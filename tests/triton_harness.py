@@ -1,47 +1,24 @@
 """Running and compiling fastprompt's Triton kernels without a GPU.
 
-`interpreted_kernels()` loads the kernel module with TRITON_INTERPRET=1 so its kernels run on CPU
-tensors; `compiled_kernels()` loads it normally so `triton.compile` can lower them for real
-GPU targets. Two known interpreter bugs are fixed here, in the harness only (the kernels are
-untouched and tolerances are not loosened): bf16 `tl.dot` multiplies raw bit patterns
-(triton issue #11584), and fp32 -> bf16 casts truncate where the GPU rounds to nearest even.
+The interpreter must be chosen before triton is first imported (triton.language's own @jit
+helpers are built then), so conftest.py sets TRITON_INTERPRET=1 on machines without a GPU and
+the kernels run in-process on CPU tensors; lowering for real GPU targets happens in a
+subprocess without it (`compile_report`). Two interpreter bugs are fixed here, in the harness
+only (the kernels are untouched and tolerances are not loosened): bf16 `tl.dot` multiplies raw
+bit patterns (triton issue #11584), and fp32 -> bf16 casts truncate where GPUs round to nearest.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
-KERNELS = Path(__file__).resolve().parents[1] / "fastprompt" / "kernels" / "triton_prefix_attention.py"
-
-
-@contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-def _load(tag: str, interpret: bool):
-    with _env("TRITON_INTERPRET", "1" if interpret else "0"):
-        spec = importlib.util.spec_from_file_location(f"_fastprompt_triton_{tag}", KERNELS)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    return mod
-
 
 def _patch_interpreter():
     from triton.runtime import interpreter as it
@@ -73,40 +50,59 @@ def _patch_interpreter():
     it.InterpreterBuilder._fastprompt_patched = True
 
 
-_CACHE: dict[str, object] = {}
-
-
 def interpreted_kernels():
-    if "interp" not in _CACHE:
-        _patch_interpreter()
-        _CACHE["interp"] = _load("interp", True)
-    return _CACHE["interp"]
-
-
-def compiled_kernels():
-    if "compiled" not in _CACHE:
-        _CACHE["compiled"] = _load("compiled", False)
-    return _CACHE["compiled"]
-
-
-def cuobjdump() -> str | None:
+    """The kernel module, its kernels interpreted on CPU (TRITON_INTERPRET=1 set before triton loaded)."""
     import triton
 
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+    if not triton.knobs.runtime.interpret:
+        raise RuntimeError("TRITON_INTERPRET=1 must be set before triton is imported (tests/conftest.py does it)")
+    _patch_interpreter()
+    from fastprompt.kernels import triton_prefix_attention
+
+    return triton_prefix_attention
 
 
-def resource_usage(cubin: bytes, tmp: Path) -> dict[str, int]:
-    """{REG, STACK, SHARED, LOCAL, ...} of the one kernel in a cubin, from cuobjdump."""
-    path = tmp / "kernel.cubin"
-    path.write_bytes(cubin)
-    text = subprocess.run([cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True).stdout
-    usage = {}
-    for line in text.splitlines():
-        if "REG:" in line:
-            for item in line.replace("Resource usage:", "").split():
-                if ":" in item:
-                    key, _, value = item.partition(":")
-                    if value.isdigit():
-                        usage[key] = int(value)
-    return usage
+def compile_report(cases: list[dict], tmp: Path) -> list[dict]:
+    """Compiles kernels for GPU targets in a fresh process without the interpreter; returns the
+    cases with their resource usage (or the error) filled in."""
+    spec = tmp / "cases.json"
+    spec.write_text(json.dumps(cases))
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("triton_compile.py")), str(spec), str(tmp)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile subprocess failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ptxas_report(ptx: str, cc: int, tmp: Path) -> dict[str, int]:
+    """Registers and spills of a kernel's PTX for sm_<cc>, from the ptxas triton itself uses (-v)."""
+    import re
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    src, obj = tmp / "kernel.ptx", tmp / "kernel.o"
+    src.write_text(ptx)
+    proc = subprocess.run([get_ptxas(cc).path, "-v", "--gpu-name", target, str(src), "-o", str(obj)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    text = proc.stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+    return {
+        "registers": num(r"Used (\d+) registers"),
+        "spill_stores": num(r"(\d+) bytes spill stores"),
+        "spill_loads": num(r"(\d+) bytes spill loads"),
+        "stack": num(r"(\d+) bytes stack frame"),
+    }
+
+
+def ptxas_available() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return Path(get_ptxas(80).path).exists()
+    except Exception:
+        return False

@@ -69,14 +69,14 @@ def _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn):
 @triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, Ids, Mask, Bias, Out, Lse,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    spt, sph, spn, spd,
-    svt, svph, svpn, svpd,
+    sqb, sqh, sqm,
+    skb, skh, skn,
+    svb, svh, svn,
+    spt, sph, spn,
+    svt, svph, svpn,
     smb, smh, smm, smn,
     sbb, sbh, sbm, sbn,
-    sob, soh, som, sod,
+    sob, soh, som,
     H, G, S, SK, P, D, qk_scale,
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -88,11 +88,11 @@ def _fwd_kernel(
     hkv = h // G
     t = 0
     if HAS_BANK:
-        t = tl.load(Ids + b)
+        t = tl.load(Ids + b).to(tl.int32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=(offs_m[:, None] < S) & d_ok, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=(offs_m[:, None] < S) & d_ok, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -102,14 +102,14 @@ def _fwd_kernel(
     for start_n in range(0, P, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < P) & d_ok
-        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :] * spd, mask=kv_ok, other=0.0)
+        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         s = tl.where(offs_n[None, :] < P, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :] * svpd, mask=kv_ok, other=0.0)
+        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :], mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
         m_i = m_new
 
@@ -120,7 +120,7 @@ def _fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < SK) & d_ok
-        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
+        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         if HAS_BIAS:
             s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
@@ -130,18 +130,18 @@ def _fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
         m_i = m_new
 
     acc = acc / l_i[:, None]
     row_ok = offs_m < S
     tl.store(Lse + pid_bh * S + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
 
 
 @triton.jit
-def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, S, D,
+def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sdb, sdh, sdm, H, S, D,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -150,22 +150,22 @@ def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, S
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < S) & (offs_d[None, :] < D)
-    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(Delta + pid_bh * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S)
 
 
 @triton.jit
 def _bwd_dq(
     Q, K, V, PK, PV, Ids, Mask, Bias, DO, Lse, Delta, DQ,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    spt, sph, spn, spd,
-    svt, svph, svpn, svpd,
+    sqb, sqh, sqm,
+    skb, skh, skn,
+    svb, svh, svn,
+    spt, sph, spn,
+    svt, svph, svpn,
     smb, smh, smm, smn,
     sbb, sbh, sbm, sbn,
-    sdb, sdh, sdm, sdd,
+    sdb, sdh, sdm,
     H, G, S, SK, P, D, qk_scale, sm_scale,
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -177,21 +177,21 @@ def _bwd_dq(
     hkv = h // G
     t = 0
     if HAS_BANK:
-        t = tl.load(Ids + b)
+        t = tl.load(Ids + b).to(tl.int32)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     row_ok = offs_m[:, None] < S
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok & d_ok, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=row_ok & d_ok, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
     lse = tl.load(Lse + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
     delta = tl.load(Delta + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, P, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < P) & d_ok
-        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :] * spd, mask=kv_ok, other=0.0)
-        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :] * svpd, mask=kv_ok, other=0.0)
+        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         p = tl.where(offs_n[None, :] < P, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _scores(do, v, 1.0, FP32_IEEE)
@@ -203,8 +203,8 @@ def _bwd_dq(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n[:, None] < SK) & d_ok
-        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
-        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         if HAS_BIAS:
             s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
@@ -213,20 +213,20 @@ def _bwd_dq(
         dp = _scores(do, v, 1.0, FP32_IEEE)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, FP32_IEEE)
-    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok & d_ok)
+    tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok & d_ok)
 
 
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, PK, PV, Ids, Mask, Bias, DO, Lse, Delta, DK, DV, DPK, DPV,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    spt, sph, spn, spd,
-    svt, svph, svpn, svpd,
+    sqb, sqh, sqm,
+    skb, skh, skn,
+    svb, svh, svn,
+    spt, sph, spn,
+    svt, svph, svpn,
     smb, smh, smm, smn,
     sbb, sbh, sbm, sbn,
-    sdb, sdh, sdm, sdd,
+    sdb, sdh, sdm,
     H, G, S, SK, P, D, NP_BLOCKS, qk_scale, sm_scale,
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -239,20 +239,20 @@ def _bwd_dkdv(
     hkv = pid_bk % Hkv
     t = 0
     if HAS_BANK:
-        t = tl.load(Ids + b)
+        t = tl.load(Ids + b).to(tl.int32)
     is_prefix = pid_n < NP_BLOCKS
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     if is_prefix:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < P
-        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :] * spd, mask=n_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :] * svpd, mask=n_ok[:, None] & d_ok, other=0.0)
+        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
     else:
         offs_n = (pid_n - NP_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
-        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok, other=0.0)
+        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = pid_n * 0
@@ -265,8 +265,8 @@ def _bwd_dkdv(
         for start_m in range(lo, S, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < S
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=m_ok[:, None] & d_ok, other=0.0)
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
             lse = tl.load(Lse + (b * H + h) * S + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + (b * H + h) * S + offs_m, mask=m_ok, other=0.0)
             s = _scores(q, k, qk_scale, FP32_IEEE)
@@ -294,7 +294,30 @@ def _bwd_dkdv(
         tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
+DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+
+
+PRE_BLOCK_M = 32  # rows per program of the delta = rowsum(dO * O) preprocess
+
+
+def default_config(dtype: torch.dtype, head_dim: int) -> dict:
+    """Block sizes and warps per dtype and head dim, chosen so that every kernel compiles for
+    sm_80 and sm_90 without register spills (tests/test_kernels_triton.py checks it)."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_warps_dkdv": 8, "num_stages": 2}
+    if head_dim > 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    return dict(DEFAULT_CONFIG)
+
+
+def _s3(x: torch.Tensor):
+    """The three outer strides; the head dim is unit-stride (the kernels index it directly,
+    so loads vectorise and no per-element pointer arithmetic is spent on it)."""
+    return tuple(x.stride()[:-1])
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _block_d(d: int) -> int:
@@ -333,14 +356,17 @@ def _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
         flags=dict(
             HAS_BANK=prompt_ids is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
             FP32_IEEE=q.dtype == torch.float32, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=_block_d(d),
+            num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
         ),
+        dkdv_warps=config.get("num_warps_dkdv", config.get("num_warps", 4)),
         qk_scale=scale * LOG2E,
     )
 
 
 def prefix_attention_forward(q, k, v, pk, pv, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None):
     """Launches the forward kernel. Returns (out (B, H, S, D), lse2 (B, H, S) fp32, base 2)."""
-    config = config or DEFAULT_CONFIG
+    config = {**default_config(q.dtype, q.shape[-1]), **(config or {})}
+    q, k, v, pk, pv = (_unit_last(t) for t in (q, k, v, pk, pv))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
     out = torch.empty(c["b"], c["s"], c["h"], c["d"], dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -348,8 +374,8 @@ def prefix_attention_forward(q, k, v, pk, pv, prompt_ids=None, mask=None, bias=N
     grid = (triton.cdiv(c["s"], config["BLOCK_M"]), c["b"] * c["h"])
     _fwd_kernel[grid](
         q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *c["pkb"].stride(), *c["pvb"].stride(),
-        *c["ms"], *c["bs"], *out.stride(),
+        *_s3(q), *_s3(k), *_s3(v), *_s3(c["pkb"]), *_s3(c["pvb"]),
+        *c["ms"], *c["bs"], *_s3(out),
         c["h"], c["h"] // c["hkv"], c["s"], c["sk"], c["p"], c["d"], c["qk_scale"],
         **c["flags"],
     )
@@ -358,15 +384,16 @@ def prefix_attention_forward(q, k, v, pk, pv, prompt_ids=None, mask=None, bias=N
 
 def prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None):
     """Launches the backward kernels. Returns dq, dk, dv, dpk, dpv (prefix grads reduced over the batch)."""
-    config = config or DEFAULT_CONFIG
+    config = {**default_config(q.dtype, q.shape[-1]), **(config or {})}
+    q, k, v, pk, pv, out, do = (_unit_last(t) for t in (q, k, v, pk, pv, out, do))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
     b, h, s, d, hkv, sk, p = (c[x] for x in ("b", "h", "s", "d", "hkv", "sk", "p"))
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], c["flags"]["BLOCK_D"]
     delta = torch.empty_like(lse)
-    _bwd_preprocess[(triton.cdiv(s, bm), b * h)](out, do, delta, *out.stride(), *do.stride(), h, s, d, BLOCK_M=bm, BLOCK_D=bd)
-    dq = torch.empty_like(q)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *c["pkb"].stride(), *c["pvb"].stride(), *c["ms"], *c["bs"], *do.stride())
+    _bwd_preprocess[(triton.cdiv(s, PRE_BLOCK_M), b * h)](out, do, delta, *_s3(out), *_s3(do), h, s, d, BLOCK_M=PRE_BLOCK_M, BLOCK_D=bd, num_warps=4)
+    dq = torch.empty_like(q) if q.stride(-1) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    strides = (*_s3(q), *_s3(k), *_s3(v), *_s3(c["pkb"]), *_s3(c["pvb"]), *c["ms"], *c["bs"], *_s3(do))
     _bwd_dq[(triton.cdiv(s, bm), b * h)](
         q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], do, lse, delta, dq, *strides,
         h, h // hkv, s, sk, p, d, c["qk_scale"], scale, **c["flags"],
@@ -380,7 +407,7 @@ def prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids=None, ma
     n_prefix_blocks = triton.cdiv(p, bn)
     _bwd_dkdv[(n_prefix_blocks + triton.cdiv(sk, bn), b * hkv)](
         q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], do, lse, delta, dk, dv, dpk, dpv, *strides,
-        h, h // hkv, s, sk, p, d, n_prefix_blocks, c["qk_scale"], scale, **c["flags"],
+        h, h // hkv, s, sk, p, d, n_prefix_blocks, c["qk_scale"], scale, **{**c["flags"], "num_warps": c["dkdv_warps"]},
     )
     if pk.dim() == 3:
         dpk, dpv = dpk[0], dpv[0]

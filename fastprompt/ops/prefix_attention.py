@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import torch
 
+import importlib.util
+
 from ..kernels.cpu_prefix_attention import prefix_attention_cpu
 from ..kernels.torch_prefix_attention import prefix_attention_torch
 from .dispatch import Backend, register_backend, select_backend
 
 _FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+def _triton(*args):
+    # imported on first use: importing triton costs a second, and only GPU runs need it
+    from ..kernels.triton_prefix_attention import prefix_attention_triton
+
+    return prefix_attention_triton(*args)
+
+
+def _cuda(*args):
+    from ..kernels.cuda_prefix_attention import prefix_attention_cuda
+
+    return prefix_attention_cuda(*args)
+
+
+def _cuda_extension_available() -> bool:
+    from ..kernels.cuda_prefix_attention import available
+
+    return available()
+
 
 register_backend(
     Backend(
@@ -17,6 +39,28 @@ register_backend(
         dtypes=_FLOATS | {torch.float64},
         available=lambda: True,
         fn=prefix_attention_torch,
+    )
+)
+register_backend(
+    Backend(
+        name="cuda",
+        devices=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        available=_cuda_extension_available,
+        fn=_cuda,
+        head_dims=(32, 128),
+        dropout=False,
+    )
+)
+register_backend(
+    Backend(
+        name="triton",
+        devices=frozenset({"cuda"}),
+        dtypes=_FLOATS,
+        available=lambda: importlib.util.find_spec("triton") is not None,
+        fn=_triton,
+        head_dims=(16, 256),
+        dropout=False,
     )
 )
 register_backend(
@@ -61,8 +105,10 @@ def prefix_attention(
     causal: causal within the sequence (bottom-right aligned when Sk > S, as in cached decoding);
     ignored when a mask is given (the mask already says it). bias: additive float on the sequence
     scores (T5's position bias), broadcastable to (B, H, S, Sk). scale: default D ** -0.5.
-    backend: "cpu" (fused flash kernel + LSE merge; CPU, no dropout), "torch" (plain autograd,
-    any device, dropout, float64), or None to pick the first that supports the call.
+    backend: "triton" (fused kernels; CUDA, no dropout), "cuda" (the csrc/ extension, forward
+    only; CUDA), "cpu" (PyTorch's fused flash kernel + LSE merge; CPU, no dropout), "torch"
+    (plain autograd, any device, dropout, float64), or None for the first that supports the call
+    (in that order of preference).
     Returns (B, H, S, D) in q's dtype.
     """
     _check(q.dim() == 4, f"q must be (B, H, S, D), got shape {tuple(q.shape)}")

@@ -52,7 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int, default=64)
     t.add_argument("--out", default="out/prompts", help="directory for the best prompts (save_prompts format)")
     t.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="run a benchmark from the source checkout's bench/ folder")
+    bench.add_argument("what", choices=["kernels", "e2e"], help="kernels: prefix-attention microbenchmarks; e2e: training steps against PEFT")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark script")
     return p
+
+
+def bench(args) -> int:
+    import subprocess
+
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    script = folder / ("kernels_report.py" if args.what == "kernels" else "e2e_vs_peft.py")
+    if not script.is_file():
+        print(f"fastprompt bench: error: {script} not found; benchmarks run from a source checkout", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *args.args])
 
 
 def _batches(examples, batch_size, shuffle, rng):
@@ -191,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return train(args, _subparser(parser, "train"))
+    if args.command == "bench":
+        return bench(args)
     return 2
 
 

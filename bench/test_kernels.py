@@ -34,8 +34,12 @@ def _impls():
             names.append("flash_attn_concat")
         except ImportError:
             pass
-        if hasattr(torch.nn.attention, "flex_attention"):
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
             names.append("flex_concat")
+        except ImportError:
+            pass
     return names
 
 
@@ -54,20 +58,34 @@ def make_inputs(shape, dtype, seed=0):
     return q, k, v, r(hkv, p, d), r(hkv, p, d)
 
 
+def _concat(q, k, v, pk, pv, repeat=True):
+    b, h = q.shape[:2]
+    g = h // k.shape[1] if repeat else 1
+    kk = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), k], 2).repeat_interleave(g, 1)
+    vv = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), v], 2).repeat_interleave(g, 1)
+    return kk, vv
+
+
 def run(impl, inputs, causal):
     q, k, v, pk, pv = inputs
+    s, p = q.shape[2], pk.shape[1]
     if impl == "sdpa_concat":
-        b, h = q.shape[:2]
-        g = h // k.shape[1]
-        kk = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), k], 2).repeat_interleave(g, 1)
-        vv = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), v], 2).repeat_interleave(g, 1)
-        mask = None
-        if causal:
-            s, p = q.shape[2], pk.shape[1]
-            mask = torch.ones(s, p + s, dtype=torch.bool, device=q.device).tril(diagonal=p)
+        kk, vv = _concat(q, k, v, pk, pv)
+        mask = torch.ones(s, p + s, dtype=torch.bool, device=q.device).tril(diagonal=p) if causal else None
         return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-    if impl in ("flash_attn_concat", "flex_concat"):
-        raise pytest.skip.Exception(f"{impl} comparison not wired on this machine")
+    if impl == "flex_concat":  # GPU only; not run on the CPU machines this was written on
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        kk, vv = _concat(q, k, v, pk, pv, repeat=False)
+        block_mask = None
+        if causal:
+            block_mask = create_block_mask(lambda b, h, qi, ki: ki <= qi + p, None, None, s, p + s, device=q.device)
+        return flex_attention(q, kk, vv, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    if impl == "flash_attn_concat":  # GPU only; flash-attn aligns causal masks bottom-right, as prefix attention needs
+        from flash_attn import flash_attn_func
+
+        kk, vv = _concat(q, k, v, pk, pv, repeat=False)
+        return flash_attn_func(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), causal=causal).transpose(1, 2)
     return prefix_attention(q, k, v, pk, pv, causal=causal, backend=impl)
 
 

@@ -100,24 +100,34 @@ def test_prompt_bank_with_repeated_ids(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["causal", "padding-mask"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_twice_reference_error(dtype, backend):
+def test_low_precision_within_twice_reference_error(dtype, kind, backend):
     """flash-attention rule: error <= 2x the low-precision reference's own error (3x for gradients)."""
-    q, k, v, pk, pv = _inputs(2, 4, 2, 9, 9, 5, 16, dtype)
-    out = prefix_attention(q, k, v, pk, pv, causal=True, backend=backend)
-    visible = (torch.arange(9)[None] <= torch.arange(9)[:, None])[None, None]
+    b, s, p = 3, 9, 5
+    q, k, v, pk, pv = _inputs(b, 4, 2, s, s, p, 16, dtype)
+    if kind == "causal":
+        mask, causal = None, True
+        visible = (torch.arange(s)[None] <= torch.arange(s)[:, None])[None, None]
+    else:
+        keys = torch.ones(b, s, dtype=torch.bool)
+        keys[1, 6:] = False
+        keys[2, 2:] = False
+        mask, causal = keys[:, None, None, :], False
+        visible = mask
+    out = prefix_attention(q, k, v, pk, pv, mask=mask, causal=causal, backend=backend)
     exact = _reference(q, k, v, pk, pv, visible=visible)
     # the low-precision reference: PyTorch SDPA on the concatenated, repeated keys in `dtype`
-    kk = torch.cat([pk.unsqueeze(0).expand(2, -1, -1, -1), k], 2).repeat_interleave(2, 1)
-    vv = torch.cat([pv.unsqueeze(0).expand(2, -1, -1, -1), v], 2).repeat_interleave(2, 1)
-    full_vis = torch.cat([torch.ones(1, 1, 9, 5, dtype=torch.bool), visible], -1)
+    kk = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), k], 2).repeat_interleave(2, 1)
+    vv = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), v], 2).repeat_interleave(2, 1)
+    full_vis = torch.cat([torch.ones(visible.shape[0], 1, s, p, dtype=torch.bool), visible.expand(-1, -1, s, -1)], -1)
     low = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=full_vis)
     floor = 1e-3
     assert (out.double() - exact).abs().max() <= 2 * (low.double() - exact).abs().max() + floor
     w = torch.randn_like(exact)
-    got, low_g, want = _grads(out, (q, pk, pv), w), _grads(low, (q, pk, pv), w), _grads(exact, (q, pk, pv), w)
-    for a, lo, e in zip(got, low_g, want):
-        assert (a.double() - e).abs().max() <= 3 * (lo.double() - e).abs().max() + floor
+    got, low_g, want = _grads(out, (q, k, v, pk, pv), w), _grads(low, (q, k, v, pk, pv), w), _grads(exact, (q, k, v, pk, pv), w)
+    for name, a, lo, e in zip("q k v prefix_k prefix_v".split(), got, low_g, want):
+        assert (a.double() - e).abs().max() <= 3 * (lo.double() - e).abs().max() + floor, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -83,6 +83,15 @@ def prefix_attention_torch(
     (B, H, S, Sk); bias: additive float broadcastable to (B, H, S, Sk). Both apply to the
     sequence keys only: the prefix is visible to every query. Returns (B, H, S, D).
     """
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # scores, softmax and products in fp32, as fused kernels accumulate: rounding the scores
+        # to 8 bits of mantissa before the softmax would double the error of a bf16 kernel
+        out = prefix_attention_torch(
+            q.float(), k.float(), v.float(), prefix_k.float(), prefix_v.float(), prompt_ids,
+            mask if mask is None or mask.dtype == torch.bool else mask.float(), causal, scale,
+            None if bias is None else bias.float(), dropout_p,
+        )
+        return out.to(q.dtype)
     b, h, s, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = h // hkv
@@ -90,20 +99,19 @@ def prefix_attention_torch(
 
     seq = torch.matmul(qg, k.transpose(-1, -2)).view(b, h, s, sk)
     pre = _prefix_scores(qg, prefix_k, prompt_ids).reshape(b, h, s, -1)
-    # softmax statistics in fp32, as the fused kernels keep them
-    seq = seq.float() * scale
-    pre = pre.float() * scale
+    seq = seq * scale
+    pre = pre * scale
     if bias is not None:
-        seq = seq + bias.float()
+        seq = seq + bias.to(seq.dtype)
     if mask is not None:
         if mask.dtype == torch.bool:
             seq = seq.masked_fill(~mask, float("-inf"))
         else:
-            seq = seq + mask.float()
+            seq = seq + mask.to(seq.dtype)
     elif causal and s > 1:
         seq = seq.masked_fill(~causal_mask(s, sk, q.device), float("-inf"))
 
-    probs = torch.softmax(torch.cat([pre, seq], dim=-1), dim=-1).to(q.dtype)
+    probs = torch.softmax(torch.cat([pre, seq], dim=-1), dim=-1)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     n_pre = pre.shape[-1]

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import measure  # noqa: E402
+
 
 def build_model(args, quant: str | None = None):
     """A fresh, deterministic copy of the benchmark model (optionally 8-bit)."""
@@ -109,23 +112,14 @@ def step(model, opt, inputs):
 
 def saved_bytes(model, inputs) -> int:
     """Bytes of tensors autograd saves for backward in one forward, by storage, parameters excluded."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in weights:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**inputs).loss
+    nbytes, loss = measure.saved_bytes(lambda: model(**inputs).loss, list(model.parameters()))
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return nbytes
 
 
 def _quiet():
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -133,8 +127,6 @@ def _quiet():
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import logging
-
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 

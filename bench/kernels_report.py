@@ -24,21 +24,11 @@ HERE = Path(__file__).resolve().parent
 def saved_bytes(impl, shape, dtype, causal) -> int:
     """Bytes autograd keeps for backward (by storage, the inputs themselves excluded)."""
     sys.path.insert(0, str(HERE))
+    import measure
     import test_kernels as tk
 
     inputs = tk.make_inputs(shape, dtype)
-    leaves = {t.untyped_storage().data_ptr() for t in inputs}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in leaves:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        tk.run(impl, inputs, causal)
-    return sum(seen.values())
+    return measure.saved_bytes(lambda: tk.run(impl, inputs, causal), inputs)[0]
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,25 @@ def _scores(q, k, qk_scale, FP32_IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tile(base, offs_r, n_rows, stride_r, offs_d, D):
+    """(len(offs_r), BLOCK_D) rows of a (rows, D) matrix with unit-stride columns; zeros outside."""
+    return tl.load(base + offs_r[:, None] * stride_r + offs_d[None, :], mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _query_program(Ids, H, G, HAS_BANK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's query block: (block index, b*H+h, b, h, kv head, prompt index, row offsets)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    t = pid_bh * 0
+    if HAS_BANK:
+        t = tl.load(Ids + b).to(tl.int32)
+    return pid_m, pid_bh, b, h, h // G, t, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _mm(a, b, FP32_IEEE: tl.constexpr):
     """a @ b with fp32 accumulation; exact fp32 (no TF32) when the inputs are fp32."""
     if FP32_IEEE:
@@ -81,18 +100,10 @@ def _fwd_kernel(
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hkv = h // G
-    t = 0
-    if HAS_BANK:
-        t = tl.load(Ids + b).to(tl.int32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, hkv, t, offs_m = _query_program(Ids, H, G, HAS_BANK, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=(offs_m[:, None] < S) & d_ok, other=0.0)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, S, sqm, offs_d, D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -101,15 +112,14 @@ def _fwd_kernel(
     # prefix phase: visible to every query; P >= 1 makes every row's max finite from here on
     for start_n in range(0, P, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < P) & d_ok
-        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _tile(PK + t * spt + hkv * sph, offs_n, P, spn, offs_d, D)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         s = tl.where(offs_n[None, :] < P, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = _tile(PV + t * svt + hkv * svph, offs_n, P, svpn, offs_d, D)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
         m_i = m_new
 
@@ -119,8 +129,7 @@ def _fwd_kernel(
         hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + SK - S)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < SK) & d_ok
-        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _tile(K + b * skb + hkv * skh, offs_n, SK, skn, offs_d, D)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         if HAS_BIAS:
             s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
@@ -130,7 +139,7 @@ def _fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = _tile(V + b * svb + hkv * svh, offs_n, SK, svn, offs_d, D)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
         m_i = m_new
 
@@ -150,8 +159,8 @@ def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sdb, sdh, sdm, H, S, D,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < S) & (offs_d[None, :] < D)
-    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    o = _tile(Out + b * sob + h * soh, offs_m, S, som, offs_d, D).to(tl.float32)
+    do = _tile(DO + b * sdb + h * sdh, offs_m, S, sdm, offs_d, D).to(tl.float32)
     tl.store(Delta + pid_bh * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S)
 
 
@@ -170,28 +179,19 @@ def _bwd_dq(
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hkv = h // G
-    t = 0
-    if HAS_BANK:
-        t = tl.load(Ids + b).to(tl.int32)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, hkv, t, offs_m = _query_program(Ids, H, G, HAS_BANK, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
     row_ok = offs_m[:, None] < S
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
+    q = _tile(Q + b * sqb + h * sqh, offs_m, S, sqm, offs_d, D)
+    do = _tile(DO + b * sdb + h * sdh, offs_m, S, sdm, offs_d, D)
     lse = tl.load(Lse + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
     delta = tl.load(Delta + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, P, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < P) & d_ok
-        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _tile(PK + t * spt + hkv * sph, offs_n, P, spn, offs_d, D)
+        v = _tile(PV + t * svt + hkv * svph, offs_n, P, svpn, offs_d, D)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         p = tl.where(offs_n[None, :] < P, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = _scores(do, v, 1.0, FP32_IEEE)
@@ -202,9 +202,8 @@ def _bwd_dq(
         hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + SK - S)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < SK) & d_ok
-        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_ok, other=0.0)
+        k = _tile(K + b * skb + hkv * skh, offs_n, SK, skn, offs_d, D)
+        v = _tile(V + b * svb + hkv * svh, offs_n, SK, svn, offs_d, D)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         if HAS_BIAS:
             s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
@@ -246,13 +245,13 @@ def _bwd_dkdv(
     if is_prefix:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < P
-        k = tl.load(PK + t * spt + hkv * sph + offs_n[:, None] * spn + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(PV + t * svt + hkv * svph + offs_n[:, None] * svpn + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
+        k = _tile(PK + t * spt + hkv * sph, offs_n, P, spn, offs_d, D)
+        v = _tile(PV + t * svt + hkv * svph, offs_n, P, svpn, offs_d, D)
     else:
         offs_n = (pid_n - NP_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
-        k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
+        k = _tile(K + b * skb + hkv * skh, offs_n, SK, skn, offs_d, D)
+        v = _tile(V + b * svb + hkv * svh, offs_n, SK, svn, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = pid_n * 0
@@ -265,8 +264,8 @@ def _bwd_dkdv(
         for start_m in range(lo, S, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < S
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
+            q = _tile(Q + b * sqb + h * sqh, offs_m, S, sqm, offs_d, D)
+            do = _tile(DO + b * sdb + h * sdh, offs_m, S, sdm, offs_d, D)
             lse = tl.load(Lse + (b * H + h) * S + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + (b * H + h) * S + offs_m, mask=m_ok, other=0.0)
             s = _scores(q, k, qk_scale, FP32_IEEE)

@@ -63,12 +63,30 @@ class _MergedPrefixAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, pk, pv, out, lse, prompt_ids, attn_bias = ctx.saved_tensors
         b = q.shape[0]
+        low = q.dtype if q.dtype in (torch.float16, torch.bfloat16) and k.shape[2] <= _UPCAST_MAX_KEYS else None
+        if low is not None:
+            # for short sequences PyTorch's fp32 flash backward beats its bf16/fp16 one on CPU by
+            # more than the casts cost; they are transient: the saved tensors stay low precision
+            q, k, v, pk, pv, out, dout = (_float_like(t) for t in (q, k, v, pk, pv, out, dout))
+            attn_bias = None if attn_bias is None else attn_bias.float()
         # given the merged output and LSE, each kernel call yields the full softmax's gradients
         # restricted to its own keys: the sequence's, then the prefix's (batch-reduced inside)
         dq, dk, dv = _BWD(dout, q, k, v, out, lse, 0.0, ctx.causal, attn_mask=attn_bias, scale=ctx.scale)
         dq_p, dpk, dpv = _prefix_backward(dout, q, pk, pv, out, lse, prompt_ids, ctx.scale)
         dq.add_(_unrows(dq_p, b))
+        if low is not None:
+            dq, dk, dv, dpk, dpv = (t.to(low) for t in (dq, dk, dv, dpk, dpv))
         return dq, dk, dv, dpk, dpv, None, None, None, None, None
+
+
+# measured with bench/kernels_report.py (torch 2.13, AVX512/AMX Xeon): upcasting the backward wins
+# at 128 and 256 keys (bf16 fwd+bwd 1.27x -> 0.73x, 1.31x -> 1.08x of SDPA) and loses at 512
+_UPCAST_MAX_KEYS = 256
+
+
+def _float_like(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 with the same strides (so transformers' (B, S, H, D) layout survives the cast)."""
+    return torch.empty_like(t, dtype=torch.float32).copy_(t)  # empty_like keeps dense strides
 
 
 def _prefix_groups(b, prompt_ids):

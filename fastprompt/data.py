@@ -100,3 +100,82 @@ def read_labelled(path: str | Path, labels: list[str] | None = None) -> tuple[li
             raise DataError(f"{path}: row {n}: empty text")
         out.append((text, index[lab]))
     return out, labels
+
+
+def read_conll(path: str | Path, labels: list[str] | None = None) -> tuple[list[tuple[list[str], list[int]]], list[str]]:
+    """Reads CoNLL-style token classification data: one `token ... tag` line per token (the tag is
+    the last column), blank lines between sentences, `-DOCSTART-` lines skipped.
+
+    Returns ([(tokens, tag indices)], tag names); tag names sorted with "O" first unless given.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    sentences: list[tuple[list[str], list[str]]] = []
+    words: list[str] = []
+    tags: list[str] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            if words:
+                sentences.append((words, tags))
+                words, tags = [], []
+            continue
+        if parts[0] == "-DOCSTART-":
+            continue
+        if len(parts) < 2:
+            raise DataError(f"{path}:{n}: expected 'token ... tag', got {line!r}")
+        words.append(parts[0])
+        tags.append(parts[-1])
+    if words:
+        sentences.append((words, tags))
+    if not sentences:
+        raise DataError(f"{path}: no sentences")
+    if labels is None:
+        found = sorted({t for _, ts in sentences for t in ts})
+        labels = (["O"] if "O" in found else []) + [t for t in found if t != "O"]
+    index = {t: i for i, t in enumerate(labels)}
+    out = []
+    for words, ts in sentences:
+        unknown = [t for t in ts if t not in index]
+        if unknown:
+            raise DataError(f"{path}: unknown tag {unknown[0]!r}; expected one of {labels}")
+        out.append((words, [index[t] for t in ts]))
+    return out, labels
+
+
+def looks_like_conll(path: str | Path) -> bool:
+    """True for a file of whitespace-separated `token ... tag` lines (no header row)."""
+    path = Path(path)
+    if path.suffix.lower() in (".conll", ".txt", ".iob", ".bio"):
+        return True
+    if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        return False
+    return False
+
+
+def _spans(tags: list[str]) -> set[tuple[str, int, int]]:
+    """IOB2 entity spans (type, start, end exclusive); a stray I- starts a span, as seqeval does."""
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, typ = tag.partition("-")
+        if start is not None and (prefix in ("O", "B") or typ != kind):
+            spans.add((kind, start, i))
+            start = kind = None
+        if prefix == "B" or (prefix == "I" and start is None):
+            start, kind = i, typ
+    return spans
+
+
+def entity_f1(gold: list[list[str]], pred: list[list[str]]) -> float:
+    """Entity-level F1 (exact span and type match) over sentences of IOB2 tags."""
+    tp = n_gold = n_pred = 0
+    for g, p in zip(gold, pred):
+        gs, ps = _spans(g), _spans(p)
+        tp += len(gs & ps)
+        n_gold += len(gs)
+        n_pred += len(ps)
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / n_pred, tp / n_gold
+    return 2 * precision * recall / (precision + recall)

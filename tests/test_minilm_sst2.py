@@ -83,7 +83,9 @@ def test_cli_train_runs_on_embedded_default(tmp_path, capsys):
         ("text,label\n", ".csv", "no examples"),
         ("sentence,stars\nhi,1\n", ".csv", "needs a text column"),
         ('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n', ".jsonl", None),
-        ("", ".txt", "unknown format"),
+        ("<a/>", ".xml", "unknown format"),
+        ("", ".conll", "no sentences"),
+        ("EU B-ORG\nrejects\n", ".conll", "expected 'token ... tag'"),
     ],
 )
 def test_cli_bad_data_one_line_error(tmp_path, capsys, content, suffix, match):
@@ -102,3 +104,30 @@ def test_cli_bad_data_one_line_error(tmp_path, capsys, content, suffix, match):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert match in err
+
+
+def test_entity_f1_against_hand_counted_spans():
+    from fastprompt.data import entity_f1
+
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG", "O"]]
+    # gold spans: PER(0,2) LOC(3,4) ORG(0,1); predicted: PER(0,2) ORG(3,4) ORG(0,1) -> 2 of 3 right
+    assert abs(entity_f1(gold, pred) - 2 / 3) < 1e-12
+    assert entity_f1([["B-PER", "I-PER"]], [["B-PER", "O"]]) == 0.0  # a partial span is wrong
+    assert entity_f1([["O", "I-LOC", "I-LOC"]], [["O", "B-LOC", "I-LOC"]]) == 1.0  # a stray I- opens a span
+
+
+def test_cli_token_classification_on_conll_slice(tmp_path, capsys):
+    from fastprompt.cli import main
+
+    conll = DATA / "conll2003" / "train.txt"
+    if not conll.is_file():
+        pytest.skip(f"{conll} not present")
+    lines = conll.read_text(encoding="utf-8").splitlines()[:400]
+    part = tmp_path / "part.conll"
+    part.write_text("\n".join(lines) + "\n")
+    rc = main(["train", "--data", str(part), "--eval", str(part), "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "p")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "task token" in out and "eval entity F1" in out
+    assert (tmp_path / "p" / "fastprompt.json").is_file()

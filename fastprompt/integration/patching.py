@@ -24,7 +24,7 @@ import torch.nn as nn
 from . import attention
 from .architectures import Stack, UnsupportedModelError, fingerprint, spec_for
 from .insertion import install_insertion
-from .prompts import DeepPrefix, LatePromptGenerator, SoftPrompt, _FoldCache
+from .prompts import DeepPrefix, FoldCache, LatePromptGenerator, SoftPrompt
 from .truncation import install_truncation, remove_truncation
 
 PROMPT_MODULE = "fastprompt"
@@ -50,7 +50,7 @@ class PromptRuntime:
         self.requires_grad: dict[str, bool] = {}
         self.attn_implementation = model.config._attn_implementation
         self.head_names: list[str] = []
-        self._kv_cache = _FoldCache()
+        self._kv_cache = FoldCache()
 
     def prefix(self, slot, dtype, device):
         """(K, V) each (Hkv, P, D) for a slot, or None when this call adds no prefix."""

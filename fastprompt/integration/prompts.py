@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class _FoldCache:
+class FoldCache:
     """Holds values derived from parameters while no gradient is recorded (inference).
 
     The key is every parameter's in-place version counter plus dtype and device, so an optimizer
@@ -50,7 +50,7 @@ class DeepPrefix(nn.Module):
         else:
             # N(0, 1) as P-Tuning v2 and PEFT initialise their prefix embedding
             self.prefix = nn.Parameter(torch.randn(num_slots, 2, kv_heads, num_tokens, head_dim))
-        self._folded = _FoldCache()
+        self._folded = FoldCache()
 
     def _slot_raw(self, slot: int) -> torch.Tensor:
         """(2, Hkv, P, D) for one slot, differentiable."""

@@ -34,6 +34,8 @@ def _trained(arch, **kw):
         ("llama", dict(method="ptv2", num_tokens=4, start_layer=1, reparam=True, reparam_hidden=16)),
         ("llama", dict(method="prompt", num_tokens=3, init_token_ids=[5, 6])),
         ("t5", dict(method="ptv2", num_tokens=2)),
+        ("bert", dict(method="lpt", num_tokens=3, start_layer=1, generator="avgpool", generator_hidden=8)),
+        ("llama", dict(method="lpt", num_tokens=2, start_layer=2, checkpointing=True)),
     ],
 )
 def test_round_trip_into_fresh_model(tmp_path, arch, kw):
@@ -81,6 +83,15 @@ def test_other_model_rejected_naming_the_difference(tmp_path):
     _assert_untouched(other, before)
     with pytest.raises(PromptLoadError, match="architecture: saved 'bert', model 'llama'"):
         fastprompt.load_prompts(tiny_model("llama"), tmp_path)
+
+
+def test_training_only_fields_do_not_block_a_load(tmp_path):
+    model = _trained("bert", method="ptv2", num_tokens=4, checkpointing=True)
+    fastprompt.save_prompts(model, tmp_path)
+    other = tiny_model("bert", kind="seqcls")
+    fastprompt.patch(other, method="ptv2", num_tokens=4)  # same prompt, trained without checkpointing
+    fastprompt.load_prompts(other, tmp_path)
+    torch.testing.assert_close(_logits(other, "bert"), _logits(model, "bert"), atol=0, rtol=0)
 
 
 def test_patched_with_other_config_rejected(tmp_path):

@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="out/prompts", help="directory for the best prompts (save_prompts format)")
     t.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="run a benchmark from the source checkout's bench/ folder")
-    bench.add_argument("what", choices=["kernels", "e2e"], help="kernels: prefix-attention microbenchmarks; e2e: training steps against PEFT")
+    bench.add_argument("what", choices=["kernels", "e2e", "chart", "accuracy"],
+                       help="kernels: prefix-attention microbenchmarks; e2e: training steps against PEFT; "
+                            "chart: PNG of an e2e result; accuracy: SST-2/CoNLL parity against PEFT")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark script")
     return p
 
@@ -68,7 +70,7 @@ def bench(args) -> int:
     import subprocess
 
     folder = Path(__file__).resolve().parents[1] / "bench"
-    script = folder / ("kernels_report.py" if args.what == "kernels" else "e2e_vs_peft.py")
+    script = folder / {"kernels": "kernels_report.py", "e2e": "e2e_vs_peft.py", "chart": "chart.py", "accuracy": "accuracy_parity.py"}[args.what]
     if not script.is_file():
         print(f"fastprompt bench: error: {script} not found; benchmarks run from a source checkout", file=sys.stderr)
         return 2

@@ -1,0 +1,33 @@
+"""bench/chart.py draws an e2e result as a PNG with one bar per configuration and metric."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import chart  # noqa: E402
+
+
+def test_chart_png_from_results(tmp_path):
+    results = {
+        "meta": {"model": "llama", "batch": 8, "seq": 256, "num_tokens": 32, "device": "cpu", "threads": 2, "command": "python bench/e2e_vs_peft.py"},
+        "results": {
+            "peft prefix": {"step_ratio": 1.0, "saved_ratio": 1.0, "peak_ratio": 1.0},
+            "ptv2 L=4": {"step_ratio": 0.7, "saved_ratio": 0.43, "peak_ratio": 0.7},
+            "int8 ptv2 L=0": {"step_ratio": 0.9, "saved_ratio": 0.8, "peak_ratio": 0.9},
+        },
+    }
+    src = tmp_path / "e2e.json"
+    src.write_text(json.dumps(results))
+    out = chart.draw(src, tmp_path / "chart.png")
+    head = out.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width > height > 100  # three panels side by side
+    assert chart.main([str(tmp_path / "missing.json")]) == 2

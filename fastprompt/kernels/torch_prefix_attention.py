@@ -24,7 +24,7 @@ def _rows_back(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.view(hkv, b, br // b, d).transpose(0, 1)
 
 
-def _prompt_groups(prompt_ids: torch.Tensor | None, num_prompts: int):
+def _prompt_groups(prompt_ids: torch.Tensor | None):
     """Yields (example indices or None for all, prompt index)."""
     if prompt_ids is None:
         yield None, None
@@ -39,7 +39,7 @@ def _prefix_scores(qg, prefix_k, prompt_ids):
     if prompt_ids is None:
         return _rows_back(torch.bmm(_rows_by_kv_head(qg), prefix_k.transpose(1, 2)), b)
     out = qg.new_empty(*qg.shape[:3], prefix_k.shape[-2])
-    for idx, t in _prompt_groups(prompt_ids, prefix_k.shape[0]):
+    for idx, t in _prompt_groups(prompt_ids):
         sub = qg.index_select(0, idx)
         out[idx] = _rows_back(torch.bmm(_rows_by_kv_head(sub), prefix_k[t].transpose(1, 2)), sub.shape[0])
     return out
@@ -51,7 +51,7 @@ def _prefix_values(probs, prefix_v, prompt_ids):
     if prompt_ids is None:
         return _rows_back(torch.bmm(_rows_by_kv_head(probs), prefix_v), b)
     out = probs.new_empty(*probs.shape[:3], prefix_v.shape[-1])
-    for idx, t in _prompt_groups(prompt_ids, prefix_v.shape[0]):
+    for idx, t in _prompt_groups(prompt_ids):
         sub = probs.index_select(0, idx)
         out[idx] = _rows_back(torch.bmm(_rows_by_kv_head(sub), prefix_v[t]), sub.shape[0])
     return out

@@ -323,10 +323,6 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _strides4(x: torch.Tensor | None):
-    return (0, 0, 0, 0) if x is None else tuple(x.stride())
-
-
 def _broadcast_strides(x: torch.Tensor | None, b, h, s, sk):
     """Strides of x read as (B, H, S, Sk), 0 where x broadcasts."""
     if x is None:
@@ -385,20 +381,20 @@ def prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids=None, ma
     """Launches the backward kernels. Returns dq, dk, dv, dpk, dpv (prefix grads reduced over the batch)."""
     config = {**default_config(q.dtype, q.shape[-1]), **(config or {})}
     q, k, v, pk, pv, out, do = (_unit_last(t) for t in (q, k, v, pk, pv, out, do))
+    if torch.empty_like(q).stride() != q.stride():
+        q = q.contiguous()  # _bwd_dq writes dq with q's strides: q must be dense
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
     b, h, s, d, hkv, sk, p = (c[x] for x in ("b", "h", "s", "d", "hkv", "sk", "p"))
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], c["flags"]["BLOCK_D"]
     delta = torch.empty_like(lse)
     _bwd_preprocess[(triton.cdiv(s, PRE_BLOCK_M), b * h)](out, do, delta, *_s3(out), *_s3(do), h, s, d, BLOCK_M=PRE_BLOCK_M, BLOCK_D=bd, num_warps=4)
-    dq = torch.empty_like(q) if q.stride(-1) == 1 else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = torch.empty_like(q)  # same strides as q (dense), which _bwd_dq writes through
     strides = (*_s3(q), *_s3(k), *_s3(v), *_s3(c["pkb"]), *_s3(c["pvb"]), *c["ms"], *c["bs"], *_s3(do))
     _bwd_dq[(triton.cdiv(s, bm), b * h)](
         q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], do, lse, delta, dq, *strides,
         h, h // hkv, s, sk, p, d, c["qk_scale"], scale, **c["flags"],
     )
-    if dq.stride() != q.stride():  # dq shares q's strides by construction (empty_like keeps them)
-        raise RuntimeError("internal: dq layout")
     dk = torch.empty(b, hkv, sk, d, dtype=k.dtype, device=k.device)
     dv = torch.empty(b, hkv, sk, d, dtype=v.dtype, device=v.device)
     dpk = torch.zeros(c["pkb"].shape, dtype=torch.float32, device=q.device)

@@ -3,12 +3,14 @@
 __version__ = "0.1.0"
 
 from .api import patch, prompt_config, prompt_parameters, unpatch  # noqa: E402
+from .banks import add_task  # noqa: E402
 from .config import PromptConfig  # noqa: E402
 from .integration.architectures import SUPPORTED, UnsupportedModelError  # noqa: E402
 from .ops import prefix_attention  # noqa: E402
+from .peft_io import from_peft, to_peft  # noqa: E402
 from .serialization import PromptLoadError, load_prompts, save_prompts  # noqa: E402
 
 __all__ = [
-    "PromptConfig", "PromptLoadError", "SUPPORTED", "UnsupportedModelError", "load_prompts", "patch",
-    "prefix_attention", "prompt_config", "prompt_parameters", "save_prompts", "unpatch",
+    "PromptConfig", "PromptLoadError", "SUPPORTED", "UnsupportedModelError", "add_task", "from_peft", "load_prompts", "patch",
+    "prefix_attention", "prompt_config", "prompt_parameters", "save_prompts", "to_peft", "unpatch",
 ]

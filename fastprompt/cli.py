@@ -7,7 +7,9 @@ With no arguments it trains P-Tuning v2 deep prompts for the MiniLM encoder ship
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import threading
 import os
 import random
 import resource
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import patch, prompt_parameters, save_prompts
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .data import DataError, embedded_sentiment, entity_f1, looks_like_conll, read_conll, read_labelled
 
 
@@ -58,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int, default=64)
     t.add_argument("--out", default="out/prompts", help="directory for the best prompts (save_prompts format)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps (0: only on interrupt)")
+    t.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.ckpt)")
+    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoints are in DIR (its settings are reused)")
+    t.add_argument("--log", default=None, metavar="FILE", help="append one JSON line per step (step, loss, lr) to FILE")
     bench = sub.add_parser("bench", help="run a benchmark from the source checkout's bench/ folder")
     bench.add_argument("what", choices=["kernels", "e2e", "chart", "accuracy"],
                        help="kernels: prefix-attention microbenchmarks; e2e: training steps against PEFT; "
@@ -136,6 +143,21 @@ def _check_args(args, parser):
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if args.start_layer < 0:
         parser.error(f"--start-layer must be >= 0, got {args.start_layer}")
+    if args.save_every < 0:
+        parser.error(f"--save-every must be >= 0, got {args.save_every}")
+
+
+# settings a resumed run takes from its checkpoint (the command line gives only --resume/--log)
+_RUN_SETTINGS = ("model", "data", "eval", "task", "method", "num_tokens", "start_layer", "reparam", "checkpointing", "int8",
+                 "int4", "epochs", "steps", "lr", "batch_size", "max_length", "out", "seed", "save_every", "checkpoint_dir")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: checkpoint, save, exit."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 def train(args, parser) -> int:
@@ -143,7 +165,17 @@ def train(args, parser) -> int:
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    resumed = None
+    if args.resume:
+        try:
+            folder, meta, _ = read_checkpoint(args.resume)
+        except ValueError as e:
+            parser.error(f"--resume: {e}")
+        for k in _RUN_SETTINGS:
+            setattr(args, k, meta["state"]["args"][k])
+        resumed = meta["state"]
     _check_args(args, parser)
+    ckpt_dir = args.resume or args.checkpoint_dir or f"{args.out}.ckpt"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     try:
@@ -201,15 +233,38 @@ def train(args, parser) -> int:
     total = min(args.steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(total, 1))
     rng = random.Random(args.seed)
-    best, best_epoch, step, seen = -1.0, 0, 0, 0
+    best, best_epoch, step, seen, first_epoch, skip = -1.0, 0, 0, 0, 1, 0
+    if resumed is not None:
+        load_checkpoint(ckpt_dir, model, opt, sched)
+        best, best_epoch, step, seen = resumed["best"], resumed["best_epoch"], resumed["step"], resumed["seen"]
+        first_epoch, skip = resumed["epoch"], resumed["batch"]
+        version, internal, gauss = resumed["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        print(f"resumed from {ckpt_dir} at step {step} (epoch {first_epoch}, batch {skip})")
+    log = open(args.log, "a", encoding="utf-8") if args.log else None
+    position = {"epoch": first_epoch, "batch": skip, "rng": rng.getstate()}
+
+    def checkpoint():
+        state = {"args": {k: getattr(args, k) for k in _RUN_SETTINGS}, "best": best, "best_epoch": best_epoch,
+                 "step": step, "seen": seen, **position}
+        save_checkpoint(ckpt_dir, model, opt, sched, step, state)
+
+    import signal
+
+    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
     start = time.perf_counter()
     model.train()
-    bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
     try:
-        for epoch in range(1, args.epochs + 1):
-            for batch in _batches(train_set, args.batch_size, True, rng):
+        for epoch in range(first_epoch, args.epochs + 1):
+            # the epoch's order comes from the generator's state at its start: a resumed run
+            # rebuilds the same order and skips the batches already trained
+            epoch_rng = rng.getstate()
+            for i, batch in enumerate(_batches(train_set, args.batch_size, True, rng)):
                 if step >= total:
                     break
+                if epoch == first_epoch and i < skip:
+                    continue
                 loss = model(**_encode(tokenizer, batch, args.max_length, args.task)).loss
                 loss.backward()
                 opt.step()
@@ -217,8 +272,15 @@ def train(args, parser) -> int:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 seen += len(batch)
+                position = {"epoch": epoch, "batch": i + 1, "rng": epoch_rng}
+                if log is not None:
+                    log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
+                    log.flush()
                 bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}", mem=f"{_peak_rss_mib():.0f}MiB")
                 bar.update()
+                if args.save_every and step % args.save_every == 0:
+                    checkpoint()
+            position = {"epoch": epoch + 1, "batch": 0, "rng": rng.getstate()}
             if eval_set:
                 acc = _evaluate(model, tokenizer, eval_set, args, labels)
                 tqdm.write(f"epoch {epoch}: eval {metric} {acc:.3f}")
@@ -227,11 +289,18 @@ def train(args, parser) -> int:
                     save_prompts(model, args.out)
             if step >= total:
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
+        checkpoint()
         save_prompts(model, args.out)
-        print(f"\ninterrupted at step {step}: prompts saved to {args.out}", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted at step {step}: prompts saved to {args.out}; continue with "
+              f"`fastprompt train --resume {ckpt_dir}`", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if log is not None:
+            log.close()
     bar.close()
     if not eval_set:
         save_prompts(model, args.out)

@@ -32,6 +32,15 @@ class PromptConfig:
     checkpointing: recompute the layers that build a graph (those >= start_layer) in backward.
     train_head: also train the task head (`classifier`, `score`, `qa_outputs`, or `head`).
     head: name of the head submodule when it is not one of those.
+    num_tasks: T prompts in one bank (one per task); `model(..., prompt_ids=LongTensor[B])` picks
+        each example's prompt, so one batch may mix tasks. Every prompt tensor has a leading
+        task dimension (T, ...); an lpt bank holds one generator per task.
+    heads: per-task classification heads, {task name: number of labels} (tasks in that order;
+        num_tasks defaults to its length). The model's linear head becomes a bank (T, L, H) with
+        L = model.config.num_labels = the largest count; each example's logits beyond its task's
+        label count are the dtype's minimum, so the model's own loss and argmax stay per task.
+    peft_positions: shift the real tokens' positions by num_tokens as PEFT does (its prefix sits in
+        the KV cache), reproducing a PEFT adapter's numerics exactly; the default keeps 0..T-1.
     """
 
     method: str = "ptv2"
@@ -46,6 +55,9 @@ class PromptConfig:
     checkpointing: bool = False
     train_head: bool = True
     head: str | None = None
+    num_tasks: int = 1
+    heads: tuple[tuple[str, int], ...] | None = None
+    peft_positions: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,6 +86,33 @@ class PromptConfig:
                 raise ValueError(f"init_token_ids must be a non-empty sequence of ints, got {self.init_token_ids!r}")
             object.__setattr__(self, "init_token_ids", ids)
 
+        if self.heads is not None:
+            items = list(self.heads.items()) if isinstance(self.heads, dict) else [tuple(x) for x in self.heads]
+            if not items or not all(
+                len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], int) and not isinstance(x[1], bool) and x[1] >= 2 for x in items
+            ):
+                raise ValueError(f"heads must map task names to label counts >= 2, e.g. {{'sst2': 2, 'ner': 9}}, got {self.heads!r}")
+            if len({n for n, _ in items}) != len(items):
+                raise ValueError(f"heads has repeated task names: {[n for n, _ in items]}")
+            object.__setattr__(self, "heads", tuple((n, c) for n, c in items))
+            if self.num_tasks == 1 and len(items) > 1:
+                object.__setattr__(self, "num_tasks", len(items))
+            if not self.train_head:
+                raise ValueError("heads needs train_head=True (the per-task heads are trained)")
+        if isinstance(self.num_tasks, bool) or not isinstance(self.num_tasks, int) or self.num_tasks <= 0:
+            raise ValueError(f"num_tasks must be a positive int, got {self.num_tasks!r}")
+        if self.heads is not None and len(self.heads) != self.num_tasks:
+            raise ValueError(f"num_tasks={self.num_tasks} but heads names {len(self.heads)} tasks; give one head per task")
+        if not isinstance(self.peft_positions, bool):
+            raise ValueError(f"peft_positions must be True or False, got {self.peft_positions!r}")
+        if self.peft_positions and self.method == "lpt":
+            raise ValueError("peft_positions is for method='ptv2' or 'prompt' (PEFT has no late prompts)")
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names: the heads' keys, or '0'..'T-1'."""
+        return [n for n, _ in self.heads] if self.heads else [str(i) for i in range(self.num_tasks)]
+
     def prompt_fields(self) -> dict:
         """to_dict() without the runtime-only fields: what must match for a saved prompt to load."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
@@ -82,6 +121,8 @@ class PromptConfig:
         d = asdict(self)
         if d["init_token_ids"] is not None:
             d["init_token_ids"] = list(d["init_token_ids"])
+        if d["heads"] is not None:
+            d["heads"] = [list(x) for x in d["heads"]]  # JSON keeps the order of a list of pairs
         return d
 
     @classmethod

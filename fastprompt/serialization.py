@@ -7,6 +7,7 @@ changes anything in the model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,14 +20,18 @@ import torch.nn as nn
 
 from . import __version__
 from .api import _runtime, patch
+from .banks import copy_into_task, single_task_config, task_tensors
 from .config import PromptConfig
 from .integration.architectures import fingerprint
 from .integration.patching import head_shapes, prompt_shapes, runtime_of
 
 TENSORS_FILE = "prompts.safetensors"
 CONFIG_FILE = "fastprompt.json"
-FORMAT_VERSION = 1
-_JSON_FIELDS = {"format_version", "library_version", "method", "num_tokens", "start_layer", "dtype", "config", "fingerprint", "heads", "tensors_sha256"}
+FORMAT_VERSION = 2  # 2: every prompt tensor has a leading task dimension
+_JSON_FIELDS = {
+    "format_version", "library_version", "method", "num_tokens", "start_layer", "dtype", "config", "fingerprint",
+    "heads", "reparam_weights", "tensors_sha256",
+}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -49,17 +54,37 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def save_prompts(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Writes the prompt (and trained head) of a patched model to directory `path`; returns it."""
+def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None = None, reparam_weights: bool = False) -> Path:
+    """Writes the prompts (and trained heads) of a patched model to directory `path`; returns it.
+
+    task: save only that task of a bank, as a single-task prompt (per-task heads cut to the
+    task's label count) that loads on its own or into another bank's slot.
+    reparam_weights: with reparam=True the file always holds the folded prefix (all inference
+    needs); this adds the reparameterisation's embedding and MLP, for further training.
+    """
     runtime = _runtime(model)
+    if not isinstance(reparam_weights, bool):
+        raise ValueError(f"reparam_weights must be True or False, got {reparam_weights!r}")
+    cfg = runtime.config
+    if task is None:
+        tensors = {f"prompt.{k}": v for k, v in runtime.prompts.state_dict().items()}
+        for name in runtime.head_names:
+            for k, v in getattr(model, name).state_dict().items():
+                tensors[f"head.{name}.{k}"] = v
+    else:
+        tensors = task_tensors(model, task)
+        cfg = single_task_config(cfg, task)
+    if cfg.reparam:
+        folded = runtime.prompts.folded().detach()
+        if task is not None:
+            folded = folded[task : task + 1]
+        if not reparam_weights:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("prompt.")}
+        tensors["prompt.prefix"] = folded
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    blob = safetensors.torch.save(tensors)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"prompt.{k}": v.detach().cpu().contiguous() for k, v in runtime.prompts.state_dict().items()}
-    for name in runtime.head_names:
-        for k, v in getattr(model, name).state_dict().items():
-            tensors[f"head.{name}.{k}"] = v.detach().cpu().contiguous()
-    blob = safetensors.torch.save(tensors)
-    cfg = runtime.config
     meta = {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
@@ -70,6 +95,7 @@ def save_prompts(model: nn.Module, path: str | os.PathLike) -> Path:
         "config": cfg.to_dict(),
         "fingerprint": runtime.fingerprint,
         "heads": list(runtime.head_names),
+        "reparam_weights": bool(cfg.reparam and reparam_weights),
         # the JSON is written last and names the tensors it belongs to: a save cut between the two
         # renames is detected at load instead of pairing an old config with new tensors
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
@@ -113,20 +139,48 @@ def _differences(saved: dict, current: dict) -> list[str]:
     return [f"{k}: saved {saved.get(k)!r}, model {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
-def load_prompts(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_prompts(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False, task: int | None = None) -> nn.Module:
     """Loads prompts saved by `save_prompts` into `model`, patching it first if it is not patched.
 
+    trainable: leave the prompts (and heads) trainable to continue training; False freezes them
+    for inference. A reparam=True prompt saved with its reparameterisation weights continues
+    with them; one saved folded only loads as a plain prefix (reparam=False).
+    task: load a single-task save into slot `task` of a model already patched with a bank.
     Everything is validated before the model is changed: the JSON, the model fingerprint
     (architecture, layers, heads, kv heads, head dim, hidden size), an already-patched model's
     config, the tensor file's checksum, tensor names, shapes and dtypes.
     """
+    if not isinstance(trainable, bool):
+        raise ValueError(f"trainable must be True or False, got {trainable!r}")
     config, meta = read_prompt_config(path)
     diffs = _differences(meta["fingerprint"], fingerprint(model))
     if diffs:
         raise PromptLoadError(f"{path}: prompts were saved for another model: " + "; ".join(diffs))
     runtime = runtime_of(model)
+    has_weights = bool(meta["reparam_weights"])
+    # the config the model runs with: a folded-only reparam prompt is a plain prefix
+    if config.reparam and runtime is not None and runtime.config.reparam:
+        if not has_weights:
+            raise PromptLoadError(f"{path}: saved without the reparameterisation weights (save_prompts(..., reparam_weights=True)); the model is patched with reparam=True")
+        target = config
+    elif config.reparam and not (has_weights and trainable and runtime is None):
+        target = dataclasses.replace(config, reparam=False)
+    else:
+        target = config
+    if task is not None:
+        if runtime is None:
+            raise PromptLoadError("task= loads into a slot of a model already patched with a bank (num_tasks > 1)")
+        if config.num_tasks != 1:
+            raise PromptLoadError(f"{path}: task= needs a single-task save (save_prompts(..., task=i)), this one holds {config.num_tasks} tasks")
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < runtime.config.num_tasks:
+            raise ValueError(f"task must be in [0, {runtime.config.num_tasks}), got {task!r}")
+        if runtime.config.reparam:
+            raise PromptLoadError("task= cannot load into a reparam=True bank: its MLP is shared by every task")
     if runtime is not None:
-        diffs = _differences(config.prompt_fields(), runtime.config.prompt_fields())
+        current = runtime.config
+        if task is not None:
+            current = single_task_config(current, task)
+        diffs = _differences(target.prompt_fields(), current.prompt_fields())
         if diffs:
             raise PromptLoadError(f"{path}: the model is patched with another prompt config: " + "; ".join(diffs))
     tfile = Path(path) / TENSORS_FILE
@@ -139,8 +193,17 @@ def load_prompts(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors = safetensors.torch.load(blob)
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise PromptLoadError(f"{tfile}: not a valid safetensors file ({e})") from None
-    expected = {f"prompt.{k}": s for k, s in prompt_shapes(model, config).items()}
-    expected.update({f"head.{k}": s for k, s in head_shapes(model, config).items() if k.split(".")[0] in meta["heads"]})
+    folded = dataclasses.replace(config, reparam=False)
+    expected = {f"prompt.{k}": s for k, s in prompt_shapes(model, folded if config.reparam else config).items()}
+    if has_weights:
+        expected.update({f"prompt.{k}": s for k, s in prompt_shapes(model, config).items()})
+    if task is not None and runtime.config.heads:
+        # a bank (T, L, ...) takes the task's own (labels, ...) rows
+        labels = runtime.config.heads[task][1]
+        for name in set(runtime.head_names) & set(meta["heads"]):
+            expected.update({f"head.{name}.{k}": (labels, *v.shape[2:]) for k, v in getattr(model, name).state_dict().items()})
+    else:
+        expected.update({f"head.{k}": s for k, s in head_shapes(model, config).items() if k.split(".")[0] in meta["heads"]})
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
         raise PromptLoadError(f"{tfile}: tensors {sorted(got.items())} do not match what this model expects {sorted(expected.items())}")
@@ -149,12 +212,20 @@ def load_prompts(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise PromptLoadError(f"{tfile}: tensors {bad} are not floating point")
 
     if runtime is None:
-        patch(model, config)
+        patch(model, target)
         runtime = runtime_of(model)
-    with torch.no_grad():
-        for k, p in runtime.prompts.state_dict(keep_vars=True).items():
-            p.copy_(tensors[f"prompt.{k}"])
-        for name in meta["heads"]:
-            for k, p in getattr(model, name).state_dict(keep_vars=True).items():
-                p.copy_(tensors[f"head.{name}.{k}"])
+    if task is not None:
+        copy_into_task(model, tensors, task)
+    else:
+        with torch.no_grad():
+            for k, p in runtime.prompts.state_dict(keep_vars=True).items():
+                p.copy_(tensors[f"prompt.{k}"])
+            for name in meta["heads"]:
+                for k, p in getattr(model, name).state_dict(keep_vars=True).items():
+                    p.copy_(tensors[f"head.{name}.{k}"])
+    for p in runtime.prompts.parameters():
+        p.requires_grad_(trainable)
+    for name in runtime.head_names:
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(trainable)
     return model

@@ -48,7 +48,7 @@ def tiny_model(arch: str, kind: str = "main", seed: int = 0, **config_overrides)
         setattr(config, k, v)
     torch.manual_seed(seed)
     if kind == "seqcls":
-        config.num_labels = 3
+        config.num_labels = config_overrides.get("num_labels", 3)
         config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id
         model = cls_cls(config)
     elif lm_cls is not None:

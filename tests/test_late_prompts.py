@@ -81,7 +81,7 @@ def test_lpt_matches_handwritten_reference(arch, padded):
     out = output_tensor(model(input_ids=ids, attention_mask=mask2d, **kw))
     w = torch.randn_like(out) * mask2d[..., None]
     (out * w).sum().backward()
-    generator = model.fastprompt
+    generator = model.fastprompt.generators[0]
     grads = [p.grad.clone() for p in generator.parameters()]
     generator.zero_grad()
     fastprompt.unpatch(model)
@@ -146,4 +146,4 @@ def test_lpt_outputs_keep_input_length_for_token_and_sequence_heads():
     out = m(input_ids=torch.randint(3, 99, (2, 7)), labels=torch.tensor([0, 2]))
     assert out.logits.shape == (2, 3)
     out.loss.backward()
-    assert m.classifier.weight.grad is not None and m.fastprompt.up.weight.grad is not None
+    assert m.classifier.weight.grad is not None and m.fastprompt.generators[0].up.weight.grad is not None

@@ -32,8 +32,8 @@ def test_decoder_prompt_matches_prompt_in_kv_cache_reference(arch):
     out = model(**inputs).logits
     w = torch.randn_like(out)
     (out * w).sum().backward()
-    grad = model.fastprompt.embedding.grad.clone()
-    prompt = model.fastprompt.embedding.detach().clone().requires_grad_(True)
+    grad = model.fastprompt.embedding.grad[0].clone()
+    prompt = model.fastprompt.embedding[0].detach().clone().requires_grad_(True)
     fastprompt.unpatch(model)
     ref = _decoder_reference(model, arch, prompt, inputs)
     (ref * w).sum().backward()
@@ -68,8 +68,8 @@ def test_bert_prompt_matches_handwritten_insertion_with_padding():
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     hidden = out.hidden_states[-1]
     (out.logits.square().sum()).backward()
-    grad = model.fastprompt.embedding.grad.clone()
-    prompt = model.fastprompt.embedding.detach().clone().requires_grad_(True)
+    grad = model.fastprompt.embedding.grad[0].clone()
+    prompt = model.fastprompt.embedding[0].detach().clone().requires_grad_(True)
     fastprompt.unpatch(model)
     ref_hidden = _bert_reference(model, prompt, ids, mask)
     # the classifier reads [CLS] of the real tokens, not a virtual token
@@ -130,12 +130,12 @@ def test_prompt_init_from_token_ids():
     model = tiny_model("llama")
     fastprompt.patch(model, method="prompt", num_tokens=5, init_token_ids=[7, 8])
     expected = model.model.embed_tokens.weight[[7, 8, 7, 8, 7]]
-    torch.testing.assert_close(model.fastprompt.embedding, expected)
+    torch.testing.assert_close(model.fastprompt.embedding[0], expected)
     enc = tiny_model("bert")
     fastprompt.patch(enc, method="prompt", num_tokens=2, init_token_ids=[11, 12])
     with torch.no_grad():
         expected = enc.embeddings(input_ids=torch.tensor([[11, 12]]))[0]
-    torch.testing.assert_close(enc.fastprompt.embedding, expected)
+    torch.testing.assert_close(enc.fastprompt.embedding[0], expected)
 
 
 def test_token_classification_with_prompt_keeps_labels_and_length():

@@ -38,10 +38,10 @@ def test_outputs_and_prefix_grads_match_concat_reference(arch, start_layer):
     out = output_tensor(model(**inputs))
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
-    prefix = model.fastprompt.prefix
-    grad = prefix.grad.clone()
+    prefix = model.fastprompt.prefix  # (T=1, slots, 2, Hkv, P, D)
+    grad = prefix.grad[0].clone()
 
-    ref_prefix = prefix.detach().clone().requires_grad_(True)
+    ref_prefix = prefix[0].detach().clone().requires_grad_(True)
     fastprompt.unpatch(model)
     ref = _reference_run(model, arch, ref_prefix, start_layer, inputs)
     (ref * weights).sum().backward()
@@ -58,11 +58,11 @@ def test_reparam_matches_handwritten_mlp(arch):
     fastprompt.patch(model, method="ptv2", num_tokens=4, start_layer=1, reparam=True, reparam_hidden=16)
     out = output_tensor(model(**inputs))
     enc = model.fastprompt
-    emb = enc.embedding.detach().clone().requires_grad_(True)
+    emb = enc.embedding[0].detach().clone().requires_grad_(True)
     w1, b1 = enc.mlp[0].weight.detach(), enc.mlp[0].bias.detach()
     w2, b2 = enc.mlp[2].weight.detach(), enc.mlp[2].bias.detach()
     (out.square().sum()).backward()
-    grad = enc.embedding.grad.clone()
+    grad = enc.embedding.grad[0].clone()
 
     # P-Tuning v2 / PEFT layout: (P, layers * 2 * Hkv * D) read as [P, layer, K|V, Hkv, D]
     flat = torch.tanh(emb @ w1.T + b1) @ w2.T + b2

@@ -40,8 +40,8 @@ def test_truncated_gradients_equal_full_graph(arch):
     out = output_tensor(model(**inputs))
     w = torch.randn_like(out)
     (out * w).sum().backward()
-    grad = model.fastprompt.prefix.grad.clone()
-    ref_prefix = model.fastprompt.prefix.detach().clone().requires_grad_(True)
+    grad = model.fastprompt.prefix.grad[0].clone()
+    ref_prefix = model.fastprompt.prefix[0].detach().clone().requires_grad_(True)
     fastprompt.unpatch(model)
     emb = model.get_input_embeddings().weight
     emb.requires_grad_(True)  # forces a graph through the lower layers too

@@ -80,6 +80,7 @@ def fastprompt_attention(module, query, key, value, attention_mask, scaling=None
         is_causal = getattr(module, "is_causal", False)
     out = prefix_attention(
         query, key, value, kv[0], kv[1],
+        prompt_ids=kv[2],
         mask=attention_mask,
         causal=bool(is_causal) and attention_mask is None,
         scale=scaling,

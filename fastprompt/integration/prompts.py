@@ -29,70 +29,86 @@ class FoldCache:
 
 
 class DeepPrefix(nn.Module):
-    """Per-layer key/value prefixes for `num_slots` self-attention layers.
+    """Per-layer key/value prefixes for `num_slots` self-attention layers, one set per task.
 
-    Without reparameterisation: one parameter `prefix: (num_slots, 2, Hkv, P, D)` (K then V).
-    With it (P-Tuning v2): `embedding: (P, hidden)` -> Linear(hidden, r) -> Tanh ->
-    Linear(r, num_slots * 2 * Hkv * D), laid out as [P, slot, K|V, Hkv, D] like PEFT's.
-    At inference (no grad) the prefixes are folded once and reused until a parameter changes.
+    Without reparameterisation: one parameter `prefix: (T, num_slots, 2, Hkv, P, D)` (K then V).
+    With it (P-Tuning v2): `embedding: (T, P, hidden)` -> Linear(hidden, r) -> Tanh ->
+    Linear(r, num_slots * 2 * Hkv * D) shared by the tasks, laid out as [P, slot, K|V, Hkv, D]
+    like PEFT's. At inference (no grad) the prefixes are folded once and reused until a
+    parameter changes.
     """
 
-    def __init__(self, num_slots, kv_heads, num_tokens, head_dim, hidden_size, reparam=False, reparam_hidden=512, dropout=0.0):
+    task_dim_keys = ("prefix", "embedding")  # state_dict entries with a leading task dimension
+
+    def __init__(self, num_slots, kv_heads, num_tokens, head_dim, hidden_size, reparam=False, reparam_hidden=512, dropout=0.0, num_tasks=1):
         super().__init__()
         self.num_slots, self.kv_heads, self.num_tokens, self.head_dim = num_slots, kv_heads, num_tokens, head_dim
         self.reparam = reparam
         self.dropout = dropout
         if reparam:
-            self.embedding = nn.Parameter(torch.randn(num_tokens, hidden_size))
+            self.embedding = nn.Parameter(torch.randn(num_tasks, num_tokens, hidden_size))
             self.mlp = nn.Sequential(
                 nn.Linear(hidden_size, reparam_hidden), nn.Tanh(), nn.Linear(reparam_hidden, num_slots * 2 * kv_heads * head_dim)
             )
         else:
             # N(0, 1) as P-Tuning v2 and PEFT initialise their prefix embedding
-            self.prefix = nn.Parameter(torch.randn(num_slots, 2, kv_heads, num_tokens, head_dim))
+            self.prefix = nn.Parameter(torch.randn(num_tasks, num_slots, 2, kv_heads, num_tokens, head_dim))
         self._folded = FoldCache()
 
+    @property
+    def num_tasks(self) -> int:
+        return (self.embedding if self.reparam else self.prefix).shape[0]
+
     def _slot_raw(self, slot: int) -> torch.Tensor:
-        """(2, Hkv, P, D) for one slot, differentiable."""
+        """(T, 2, Hkv, P, D) for one slot, differentiable."""
         if not self.reparam:
-            return self.prefix[slot]
+            return self.prefix[:, slot]
         lin1, _, lin2 = self.mlp
-        hidden = torch.tanh(lin1(self.embedding))  # (P, r): recomputed per layer, P*H*r flops
+        hidden = torch.tanh(lin1(self.embedding))  # (T, P, r): recomputed per layer, T*P*H*r flops
         rows = 2 * self.kv_heads * self.head_dim
         w = lin2.weight[slot * rows:(slot + 1) * rows]
         b = lin2.bias[slot * rows:(slot + 1) * rows]
-        out = F.linear(hidden, w, b)  # (P, 2*Hkv*D)
-        return out.view(self.num_tokens, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        out = F.linear(hidden, w, b)  # (T, P, 2*Hkv*D)
+        return out.view(-1, self.num_tokens, 2, self.kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
 
     def folded(self) -> torch.Tensor:
-        """(num_slots, 2, Hkv, P, D): every slot's prefix at once, for saving and export."""
-        return torch.stack([self._slot_raw(i) for i in range(self.num_slots)])
+        """(T, num_slots, 2, Hkv, P, D): every slot's prefix at once, for saving and export."""
+        if not self.reparam:
+            return self.prefix
+        return torch.stack([self._slot_raw(i) for i in range(self.num_slots)], dim=1)
 
     def slot(self, slot: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (K, V) prefix of one layer, each (Hkv, P, D) in the attention's dtype."""
+        """The (K, V) prefix bank of one layer, each (T, Hkv, P, D) in the attention's dtype."""
         params = list(self.parameters())
 
         def compute_all():
             return self.folded().detach().to(device=device, dtype=dtype)
 
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            kv = self._folded.get(params, (dtype, device), compute_all)[slot]
-            return kv[0], kv[1]
+            kv = self._folded.get(params, (dtype, device), compute_all)[:, slot]
+            return kv[:, 0], kv[:, 1]
         kv = self._slot_raw(slot).to(device=device, dtype=dtype)
         if self.training and self.dropout > 0:
             kv = F.dropout(kv, self.dropout, training=True)
-        return kv[0], kv[1]
+        return kv[:, 0], kv[:, 1]
 
 
 class SoftPrompt(nn.Module):
-    """Input soft prompt (Lester et al.): `embedding: (P, hidden)` in the input-embedding space."""
+    """Input soft prompts (Lester et al.): `embedding: (T, P, hidden)` in the input-embedding space."""
+
+    task_dim_keys = ("embedding",)
 
     def __init__(self, init: torch.Tensor):
+        """init: (T, P, hidden)."""
         super().__init__()
         self.embedding = nn.Parameter(init.detach().clone().float())
 
     @property
     def num_tokens(self) -> int:
+        return self.embedding.shape[1]
+
+    @property
+    def num_tasks(self) -> int:
         return self.embedding.shape[0]
 
 
@@ -125,6 +141,73 @@ class LatePromptGenerator(nn.Module):
         else:
             pooled = h[:, None].masked_fill(~bins.bool()[..., None], float("-inf")).amax(dim=2)
         return self.up(torch.relu(pooled)).to(hidden_states.dtype)
+
+
+class LatePromptBank(nn.Module):
+    """One LatePromptGenerator per task (`generators.<t>.*`); each example uses its task's."""
+
+    task_dim_keys = ()
+
+    def __init__(self, hidden_size: int, num_tokens: int, kind: str = "npg", hidden: int = 128, num_tasks: int = 1):
+        super().__init__()
+        self.args = (hidden_size, num_tokens, kind, hidden)
+        self.generators = nn.ModuleList(LatePromptGenerator(*self.args) for _ in range(num_tasks))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.generators)
+
+    def forward(self, hidden_states, real, source, prompt_ids=None):
+        """As LatePromptGenerator.forward, with prompt_ids: (B,) task per example (None: task 0)."""
+        if prompt_ids is None or self.num_tasks == 1:
+            return self.generators[0](hidden_states, real, source)
+        # one call per task present in the batch: gathering per-example weights would copy them B times
+        parts, order = [], []
+        for t in torch.unique(prompt_ids).tolist():
+            idx = (prompt_ids == t).nonzero(as_tuple=True)[0]
+            parts.append(self.generators[t](hidden_states[idx], real[idx], source[idx]))
+            order.append(idx)
+        out = torch.cat(parts)
+        return out[torch.argsort(torch.cat(order))]
+
+
+class TaskHeads(nn.Module):
+    """A bank of linear heads, one per task, replacing a model's linear head while patched.
+
+    weight: (T, L, H), bias: (T, L) or None, L the largest label count; labels: (T,) each
+    task's own count. forward(x: (B, H) or (B, S, H)) -> (B, L) or (B, S, L) using each
+    example's task (from the runtime's prompt_ids); logits past a task's count are the dtype's
+    minimum, so softmax, cross-entropy and argmax only ever see that task's labels.
+    """
+
+    task_dim_keys = ("weight", "bias")
+
+    def __init__(self, base: nn.Linear, labels: list[int], runtime):
+        super().__init__()
+        t = len(labels)
+        self.weight = nn.Parameter(base.weight.detach().clone()[None].repeat(t, 1, 1))
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone()[None].repeat(t, 1))
+        self.register_buffer("labels", torch.tensor(labels, dtype=torch.long, device=base.weight.device), persistent=False)
+        self.__dict__["_runtime"] = runtime  # not a submodule
+
+    @property
+    def num_tasks(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self._runtime.prompt_ids
+        if ids is None:
+            ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        ids = ids.to(x.device)
+        w = self.weight[ids].to(x.dtype)  # (B, L, H): B small matrices, the head is tiny
+        out = torch.einsum("bh,blh->bl" if x.dim() == 2 else "bsh,blh->bsl", x, w)
+        if self.bias is not None:
+            b = self.bias[ids].to(x.dtype)
+            out = out + (b if x.dim() == 2 else b[:, None])
+        valid = torch.arange(w.shape[1], device=x.device) < self.labels[ids][:, None]  # (B, L)
+        if x.dim() == 3:
+            valid = valid[:, None]
+        return out.masked_fill(~valid, torch.finfo(out.dtype).min)
 
 
 def _pool_bins(real: torch.Tensor, n: int) -> torch.Tensor:

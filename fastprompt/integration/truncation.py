@@ -33,7 +33,7 @@ def _no_grad(original):
     return forward
 
 
-def _checkpointed(original, bypass):
+def _checkpointed(original, bypass, snapshot, restore):
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled() or bypass():
             return original(*args, **kwargs)
@@ -44,17 +44,29 @@ def _checkpointed(original, bypass):
             kwargs["past_key_values"] = None
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
-        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+        # the recompute runs in backward, maybe in another thread and after other forwards: it gets
+        # this forward's per-call prompt state (prompt_ids, decoder prompt K/V) back
+        state = snapshot()
+
+        def run(*a, **k):
+            old = restore(state)
+            try:
+                return original(*a, **k)
+            finally:
+                restore(old)
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     return forward
 
 
-def install_truncation(layers_without_grad, layers_checkpointed, saved: list, bypass=lambda: False) -> None:
-    """bypass(): True while a call must run unwrapped (the prompt's own pass that fills a KV cache)."""
+def install_truncation(layers_without_grad, layers_checkpointed, saved: list, bypass=lambda: False, snapshot=lambda: None, restore=lambda s: None) -> None:
+    """bypass(): True while a call must run unwrapped (the prompt's own pass that fills a KV cache);
+    snapshot() / restore(state) -> previous: the per-forward state a recompute must see again."""
     for layer in layers_without_grad:
         _set_forward(layer, _no_grad, saved)
     for layer in layers_checkpointed:
-        _set_forward(layer, lambda original: _checkpointed(original, bypass), saved)
+        _set_forward(layer, lambda original: _checkpointed(original, bypass, snapshot, restore), saved)
 
 
 def remove_truncation(saved: list) -> None:

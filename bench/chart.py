@@ -1,8 +1,12 @@
-"""Draws the end-to-end benchmark as a PNG: step time, saved activations and peak memory per
-configuration, each relative to PEFT prefix tuning measured in the same run.
+"""Draws a benchmark result as a PNG, PEFT prefix tuning as the baseline.
+
+An e2e result (bench/e2e_vs_peft.py): step time, saved activations and peak memory per
+configuration, each relative to PEFT measured in the same run. An accuracy-parity result
+(bench/accuracy_parity.py): per task, the metric, training speed x PEFT and peak memory.
 
     python bench/chart.py                                   # bench/results/e2e_llama_cpu.json
     python bench/chart.py bench/results/e2e_minilm_cpu.json --out chart.png
+    python bench/chart.py bench/results/accuracy_parity_sst2.json
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ def draw(results_path: Path, out: Path) -> Path:
 
     data = json.loads(results_path.read_text())
     meta, results = data["meta"], data["results"]
+    if all("metric" in r for r in results.values()):
+        return _draw_accuracy(plt, meta, results, out)
     names = [n for n in results if not n.startswith("int8")]
     metrics = [("step_ratio", "step time"), ("saved_ratio", "activations saved for backward"), ("peak_ratio", "peak memory")]
     metrics = [m for m in metrics if all(m[0] in results[n] for n in names)]
@@ -46,16 +52,59 @@ def draw(results_path: Path, out: Path) -> Path:
     return out
 
 
+def _draw_accuracy(plt, meta, results, out: Path) -> Path:
+    """results: {"task/configuration": {metric, speed_vs_peft, peak_mib}} -> one row of panels per task."""
+    tasks = sorted({k.split("/", 1)[0] for k in results})
+    panels = [("metric", "dev accuracy / valid entity F1\n(higher is better)", "{:.4f}"),
+              ("speed_vs_peft", "training speed (x PEFT prefix tuning,\nhigher is better)", "{:.2f}x"),
+              ("peak_mib", "peak RSS MiB\n(lower is better)", "{:.0f}")]
+    names = sorted({k.split("/", 1)[1] for k in results}, key=lambda n: (not n.startswith("peft"), n))
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(15, (0.45 * len(names) + 1.6) * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        present = [n for n in names if f"{task}/{n}" in results]
+        for ax, (key, title, fmt) in zip(row, panels):
+            values = [results[f"{task}/{n}"][key] for n in present]
+            colors = ["#9a9a9a" if n.startswith("peft") else "#2b6cb0" for n in present]
+            bars = ax.barh(present, values, color=colors)
+            base = results.get(f"{task}/peft prefix", {}).get(key)
+            if base is not None:
+                ax.axvline(base, color="#444444", linewidth=1, linestyle="--")
+            ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize=8)
+            lo = min(values) * 0.9 if key == "metric" else 0
+            ax.set_xlim(lo, max(values) * (1.02 if key == "metric" else 1.25))
+            ax.set_title(f"{task}: {title}", fontsize=10)
+            ax.invert_yaxis()
+    fig.suptitle(f"MiniLM, one fixed budget per task ({meta['command'].strip()}; {meta['date']})", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", nargs="?", default=str(HERE / "results" / "e2e_llama_cpu.json"))
-    ap.add_argument("--out", default=None, help="PNG path (default: next to the results, .png)")
+    ap.add_argument("results", nargs="*", default=[str(HERE / "results" / "e2e_llama_cpu.json")],
+                    help="result JSON files; several accuracy results (one per task) are drawn together")
+    ap.add_argument("--out", default=None, help="PNG path (default: next to the (first) results, .png)")
     args = ap.parse_args(argv)
-    src = Path(args.results)
-    if not src.is_file():
-        print(f"chart: error: {src} not found; run bench/e2e_vs_peft.py first", file=sys.stderr)
-        return 2
-    print(f"wrote {draw(src, Path(args.out) if args.out else src.with_suffix('.png'))}")
+    srcs = [Path(r) for r in args.results]
+    for src in srcs:
+        if not src.is_file():
+            print(f"chart: error: {src} not found; run the benchmark first", file=sys.stderr)
+            return 2
+    src = srcs[0]
+    if len(srcs) > 1:  # one chart of several runs: their results side by side
+        import tempfile
+
+        merged = {"meta": dict(json.loads(srcs[0].read_text())["meta"]), "results": {}}
+        merged["meta"]["command"] = " ; ".join(json.loads(p.read_text())["meta"]["command"] for p in srcs)
+        for p in srcs:
+            merged["results"].update(json.loads(p.read_text())["results"])
+        src = Path(tempfile.mkdtemp()) / "merged.json"
+        src.write_text(json.dumps(merged))
+    out = Path(args.out) if args.out else srcs[0].with_suffix(".png")
+    print(f"wrote {draw(src, out)}")
     return 0
 
 

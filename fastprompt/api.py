@@ -39,8 +39,17 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The patched model inside wrappers that keep it as `.module` (DistributedDataParallel,
+    DataParallel, accelerate's wrappers), or `model` itself."""
+    inner = model
+    while runtime_of(inner) is None and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    return inner if runtime_of(inner) is not None else model
+
+
 def _runtime(model):
-    runtime = runtime_of(model)
+    runtime = runtime_of(unwrap(model))
     if runtime is None:
         raise RuntimeError("this model is not patched by fastprompt; call fastprompt.patch(model, ...) first")
     return runtime
@@ -52,9 +61,40 @@ def prompt_config(model: nn.Module) -> PromptConfig:
 
 
 def prompt_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable tensors: the prompt's parameters, then the task head's when train_head."""
+    """The trainable tensors: the prompt's parameters, then the task head's when train_head
+    (also through a DistributedDataParallel-style wrapper)."""
     runtime = _runtime(model)
+    model = unwrap(model)
     params = list(runtime.prompts.parameters())
     for name in runtime.head_names:
         params += list(getattr(model, name).parameters())
     return params
+
+
+def cache_lower_layers(model: nn.Module, dtype=None, path=None):
+    """Turns on the lower-layer cache of a patched model (prompts from start_layer L > 0); returns it.
+
+    Pass `example_ids=LongTensor[B]` (dataset indices) to the model's forward: the first time an
+    example is seen, the hidden states entering layer L are stored (real tokens only; `dtype`
+    bf16 by default, fp32 for bit-identical results; in memory, or memory-mapped in the file
+    `path`); a batch whose examples are all stored runs only layers >= L. The lower layers must
+    be deterministic (no dropout active below L), which frozen layers in eval mode or
+    dropout-free models are. Returns the LowerLayerCache (len, nbytes, hits, misses).
+    """
+    import torch
+
+    from .integration.architectures import fingerprint
+    from .integration.lower_cache import LowerLayerCache, install_lower_cache
+
+    runtime = _runtime(model)
+    model = unwrap(model)
+    if runtime.config.start_layer == 0:
+        raise ValueError("the lower-layer cache needs prompts from a start_layer > 0 (nothing runs below layer 0)")
+    if runtime.lower_cache is not None:
+        raise RuntimeError("this model already has a lower-layer cache")
+    if runtime.mode == "prompt_kv":
+        raise ValueError("input prompts on decoders start at layer 0; the lower-layer cache does not apply")
+    cache = LowerLayerCache(fingerprint(model)["hidden_size"], dtype or torch.bfloat16, path)
+    install_lower_cache(runtime, runtime.stacks[0], runtime.config.start_layer, cache)
+    runtime.lower_cache = cache
+    return cache

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from .api import _runtime
+from .api import _runtime, unwrap
 from .integration.patching import _prompt_init
 from .integration.prompts import LatePromptGenerator, TaskHeads
 
@@ -23,6 +23,7 @@ def task_tensors(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
     Per-task heads are cut to the task's own label count, so the export loads into a model
     built with num_labels = that count."""
     runtime = _runtime(model)
+    model = unwrap(model)
     config = runtime.config
     _check_task(config, task, "task")
     prompts = runtime.prompts
@@ -55,6 +56,7 @@ def single_task_config(config, task: int):
 def copy_into_task(model: nn.Module, tensors: dict[str, torch.Tensor], task: int) -> None:
     """Writes a single-task save's tensors (already validated) into bank slot `task`."""
     runtime = _runtime(model)
+    model = unwrap(model)
     prompts = runtime.prompts
     keys = getattr(prompts, "task_dim_keys", ())
     state = prompts.state_dict(keep_vars=True)
@@ -94,6 +96,7 @@ def add_task(model: nn.Module, name: str | None = None, num_labels: int | None =
     `load_prompts(model, path, task=index)` to import a trained single-task prompt.
     """
     runtime = _runtime(model)
+    model = unwrap(model)
     config = runtime.config
     prompts = runtime.prompts
     heads = config.heads

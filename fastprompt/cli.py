@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import patch, prompt_parameters, save_prompts
+from . import cache_lower_layers, patch, prompt_parameters, save_prompts
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .data import DataError, embedded_sentiment, entity_f1, looks_like_conll, read_conll, read_labelled
 
@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.ckpt)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoints are in DIR (its settings are reused)")
     t.add_argument("--log", default=None, metavar="FILE", help="append one JSON line per step (step, loss, lr) to FILE")
+    t.add_argument("--cache-lower-layers", action="store_true",
+                   help="store the hidden states entering --start-layer in the first epoch; later epochs run only the layers above")
+    pl = sub.add_parser("plan", help="predicted peak memory of prompt training configurations for a model")
+    pl.add_argument("model", help="a config.json, a folder holding one, or a hub id")
+    pl.add_argument("--memory", default="24GiB", help="device memory, e.g. 24GiB, 80GB (default 24GiB)")
+    pl.add_argument("--batch-size", type=int, default=8)
+    pl.add_argument("--seq-len", type=int, default=512)
+    pl.add_argument("--num-tokens", type=int, default=32)
     bench = sub.add_parser("bench", help="run a benchmark from the source checkout's bench/ folder")
     bench.add_argument("what", choices=["kernels", "e2e", "chart", "accuracy"],
                        help="kernels: prefix-attention microbenchmarks; e2e: training steps against PEFT; "
@@ -84,12 +92,13 @@ def bench(args) -> int:
     return subprocess.call([sys.executable, str(script), *args.args])
 
 
-def _batches(examples, batch_size, shuffle, rng):
+def _batches(examples, batch_size, shuffle, rng, with_indices=False):
     order = list(range(len(examples)))
     if shuffle:
         rng.shuffle(order)
     for i in range(0, len(order), batch_size):
-        yield [examples[j] for j in order[i : i + batch_size]]
+        batch = [examples[j] for j in order[i : i + batch_size]]
+        yield (order[i : i + batch_size], batch) if with_indices else batch
 
 
 def _encode(tokenizer, batch, max_length, task):
@@ -149,7 +158,8 @@ def _check_args(args, parser):
 
 # settings a resumed run takes from its checkpoint (the command line gives only --resume/--log)
 _RUN_SETTINGS = ("model", "data", "eval", "task", "method", "num_tokens", "start_layer", "reparam", "checkpointing", "int8",
-                 "int4", "epochs", "steps", "lr", "batch_size", "max_length", "out", "seed", "save_every", "checkpoint_dir")
+                 "int4", "epochs", "steps", "lr", "batch_size", "max_length", "out", "seed", "save_every", "checkpoint_dir",
+                 "cache_lower_layers")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -221,6 +231,11 @@ def train(args, parser) -> int:
               checkpointing=args.checkpointing)
     except ValueError as e:
         parser.error(str(e))
+    if args.cache_lower_layers:
+        try:
+            cache_lower_layers(model)
+        except ValueError as e:
+            parser.error(f"--cache-lower-layers: {e}")
     params = prompt_parameters(model)
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
@@ -260,12 +275,13 @@ def train(args, parser) -> int:
             # the epoch's order comes from the generator's state at its start: a resumed run
             # rebuilds the same order and skips the batches already trained
             epoch_rng = rng.getstate()
-            for i, batch in enumerate(_batches(train_set, args.batch_size, True, rng)):
+            for i, (index, batch) in enumerate(_batches(train_set, args.batch_size, True, rng, with_indices=True)):
                 if step >= total:
                     break
                 if epoch == first_epoch and i < skip:
                     continue
-                loss = model(**_encode(tokenizer, batch, args.max_length, args.task)).loss
+                extra = {"example_ids": torch.tensor(index)} if args.cache_lower_layers else {}
+                loss = model(**_encode(tokenizer, batch, args.max_length, args.task), **extra).loss
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -322,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         return train(args, _subparser(parser, "train"))
     if args.command == "bench":
         return bench(args)
+    if args.command == "plan":
+        from .planner import plan
+
+        try:
+            plan(args.model, device_memory=args.memory, batch_size=args.batch_size, seq_len=args.seq_len, num_tokens=args.num_tokens)
+        except (OSError, ValueError) as e:
+            _subparser(parser, "plan").error(str(e).splitlines()[0])
+        return 0
     return 2
 
 

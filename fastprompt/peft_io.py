@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .api import _runtime, patch
+from .api import _runtime, patch, unwrap
 from .config import PromptConfig
 from .integration.architectures import fingerprint, spec_for
 from .integration.patching import runtime_of
@@ -112,6 +112,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
 
     patch(model, config)
     runtime = _runtime(model)
+    model = unwrap(model)
     with torch.no_grad():
         if method == "ptv2":
             prefix = emb.view(p, layers, 2, hkv, dh).permute(1, 2, 3, 0, 4)
@@ -137,6 +138,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, *, task: int | None = Non
     patched with peft_positions=True (and for input prompts on rotary models in any case).
     """
     runtime = _runtime(model)
+    model = unwrap(model)
     config = runtime.config
     stack = _single_stack(model, "to_peft")
     if config.num_tasks > 1 and task is None:

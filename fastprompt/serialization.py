@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .api import _runtime, patch
+from .api import _runtime, unwrap, patch
 from .banks import copy_into_task, single_task_config, task_tensors
 from .config import PromptConfig
 from .integration.architectures import fingerprint
@@ -63,6 +63,7 @@ def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None 
     needs); this adds the reparameterisation's embedding and MLP, for further training.
     """
     runtime = _runtime(model)
+    model = unwrap(model)
     if not isinstance(reparam_weights, bool):
         raise ValueError(f"reparam_weights must be True or False, got {reparam_weights!r}")
     cfg = runtime.config

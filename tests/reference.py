@@ -49,7 +49,10 @@ def concat_attention(q, k, v, pk=None, pv=None, visible=None, bias=None, scale=N
     scale = d**-0.5 if scale is None else scale
     scores = q.double() @ k.double().transpose(-1, -2) * scale + bias
     scores = scores.masked_fill(~visible, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v.double()).to(q.dtype)
+    # a row with no visible key (a padding query below the prompted layers) attends to nothing, as
+    # flash kernels do: its NaN would otherwise reach real tokens through 0 * NaN in later layers
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (probs @ v.double()).to(q.dtype)
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

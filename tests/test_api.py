@@ -116,3 +116,28 @@ def test_hf_trainer_trains_a_patched_model(tmp_path):
     fresh = tiny_model("bert", kind="seqcls")
     fastprompt.load_prompts(fresh, tmp_path / "p")
     torch.testing.assert_close(fresh.fastprompt.prefix, model.fastprompt.prefix)
+
+
+def test_hf_trainer_trains_a_mixed_task_bank_with_per_task_heads(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import tiny_model
+
+    model = tiny_model("bert", kind="seqcls")  # 3 labels: the larger task
+    fastprompt.patch(model, method="ptv2", num_tokens=4, heads={"binary": 2, "ternary": 3})
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 99, (8,), generator=g), "prompt_ids": torch.tensor(i % 2),
+             "labels": torch.tensor(i % (2 + i % 2))} for i in range(32)]
+    before = model.fastprompt.prefix.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    changed = (model.fastprompt.prefix.detach() - before).flatten(1).abs().sum(-1)
+    assert (changed > 0).all()  # both tasks' prompts trained from the mixed batches
+    fastprompt.save_prompts(model, tmp_path / "p")
+    fresh = fastprompt.load_prompts(tiny_model("bert", kind="seqcls"), tmp_path / "p")
+    batch = {"input_ids": torch.stack([r["input_ids"] for r in rows[:4]]), "prompt_ids": torch.tensor([0, 1, 0, 1])}
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)

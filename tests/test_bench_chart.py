@@ -31,3 +31,20 @@ def test_chart_png_from_results(tmp_path):
     width, height = struct.unpack(">II", head[16:24])
     assert width > height > 100  # three panels side by side
     assert chart.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_accuracy_chart_png(tmp_path):
+    results = {
+        "meta": {"command": "python bench/accuracy_parity.py --task sst2", "date": "2026-11-22"},
+        "results": {
+            "sst2/peft prefix": {"metric": 0.84, "speed_vs_peft": 1.0, "peak_mib": 1500},
+            "sst2/ptv2 L=0": {"metric": 0.85, "speed_vs_peft": 1.05, "peak_mib": 1490},
+            "conll/peft prefix": {"metric": 0.80, "speed_vs_peft": 1.0, "peak_mib": 1300},
+            "conll/lpt L=3": {"metric": 0.79, "speed_vs_peft": 1.3, "peak_mib": 1200},
+        },
+    }
+    src = tmp_path / "acc.json"
+    src.write_text(json.dumps(results))
+    head = chart.draw(src, tmp_path / "acc.png").read_bytes()[:24]
+    width, height = struct.unpack(">II", head[16:24])
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and width > 1000 and height > 300  # two tasks x three panels

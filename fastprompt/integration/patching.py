@@ -41,6 +41,9 @@ class _ForwardState(threading.local):
     inserted_in_flight = 0
     mask2d = None  # the (B, T) padding mask the stack was called with
     prompt_ids = None  # (B,) task of each example, or None (task 0)
+    example_ids = None  # (B,) dataset index of each example, for the lower-layer cache
+    skip_lower = False  # every example of this forward is in the lower-layer cache
+    cache_mask = None
 
 
 def _state_property(name):
@@ -55,6 +58,9 @@ class PromptRuntime:
     inserted_in_flight = _state_property("inserted_in_flight")
     mask2d = _state_property("mask2d")
     prompt_ids = _state_property("prompt_ids")
+    example_ids = _state_property("example_ids")
+    skip_lower = _state_property("skip_lower")
+    cache_mask = _state_property("cache_mask")
 
     def __init__(self, model, config, stacks: list[Stack], prompts: nn.Module, mode: str):
         self.config = config
@@ -72,6 +78,7 @@ class PromptRuntime:
         self.replaced_heads: list[tuple[str, nn.Module]] = []
         self.model_attrs: list[tuple[str, object]] = []
         self._kv_cache = FoldCache()
+        self.lower_cache = None
 
     def snapshot(self):
         """What a checkpointed layer's recompute in backward must see again (maybe in another thread)."""
@@ -101,6 +108,16 @@ class PromptRuntime:
         if ids is None:
             raise ValueError(f"this model holds {self.config.num_tasks} prompts (num_tasks): pass prompt_ids=LongTensor[batch] to its forward")
         return k, v, ids.to(device)
+
+    def check_example_ids(self, example_ids, batch: int | None):
+        """example_ids: (B,) integer dataset indices, used by the lower-layer cache."""
+        if self.lower_cache is None:
+            raise ValueError("example_ids is for the lower-layer cache: call fastprompt.cache_lower_layers(model) first")
+        if not isinstance(example_ids, torch.Tensor) or example_ids.dim() != 1 or example_ids.is_floating_point():
+            raise ValueError(f"example_ids must be a 1-D integer tensor (one dataset index per example), got {example_ids!r}")
+        if batch is not None and example_ids.shape[0] != batch:
+            raise ValueError(f"example_ids has {example_ids.shape[0]} entries for a batch of {batch} examples")
+        return example_ids.cpu()
 
     def check_prompt_ids(self, prompt_ids, batch: int | None):
         """Validates a forward's prompt_ids: (B,) integer tensor in [0, num_tasks)."""
@@ -249,12 +266,12 @@ def _wrap_entry_points(model, runtime) -> None:
     """model.forward and model.generate take `prompt_ids` (instance attributes; unpatch removes them)."""
     def with_prompt_ids(original, is_forward):
         sig = inspect.signature(original)
-        params = [p for p in sig.parameters.values() if p.name != "prompt_ids"]
-        extra = inspect.Parameter("prompt_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        params = [p for p in sig.parameters.values() if p.name not in ("prompt_ids", "example_ids")]
         at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
-        params.insert(at, extra)
+        for name in ("example_ids", "prompt_ids"):
+            params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
 
-        def wrapper(*args, prompt_ids=None, **kwargs):
+        def wrapper(*args, prompt_ids=None, example_ids=None, **kwargs):
             if prompt_ids is None and runtime.prompt_ids is not None and not is_forward:
                 prompt_ids = runtime.prompt_ids
             if prompt_ids is None and is_forward and runtime.prompt_ids is not None:
@@ -265,12 +282,15 @@ def _wrap_entry_points(model, runtime) -> None:
                 _check_labels(runtime, kwargs.get("labels"), ids)
             if not is_forward and ids is not None:
                 kwargs["prompt_ids"] = ids  # generate() expands it with the batch (beams, samples)
-            previous = runtime.prompt_ids
-            runtime.prompt_ids = ids
+            if example_ids is not None:
+                example_ids = runtime.check_example_ids(example_ids, _batch_size(args, kwargs))
+            previous = runtime.prompt_ids, runtime.example_ids
+            runtime.prompt_ids, runtime.example_ids = ids, example_ids
             try:
                 return original(*args, **kwargs)
             finally:
-                runtime.prompt_ids = previous
+                runtime.prompt_ids, runtime.example_ids = previous
+                runtime.skip_lower = False
 
         wrapper.__signature__ = sig.replace(parameters=params)
         wrapper.__doc__ = original.__doc__
@@ -461,6 +481,7 @@ def install(model: nn.Module, config) -> PromptRuntime:
         install_truncation(
             first.layers[:L], checkpointed, runtime.wrapped_forwards,
             bypass=lambda: runtime.computing, snapshot=runtime.snapshot, restore=runtime.restore,
+            skip=lambda: runtime.skip_lower,
         )
         if config.peft_positions:
             runtime.handles += position_shift_hooks(model, stacks, config.num_tokens)
@@ -510,6 +531,8 @@ def _keep_4bit_trainable(model, runtime) -> None:
 
 def uninstall(model: nn.Module, runtime: PromptRuntime) -> None:
     """Removes everything `install` added and restores attention and requires_grad flags."""
+    if runtime.lower_cache is not None:
+        runtime.lower_cache.close()
     for name, previous in reversed(runtime.model_attrs):
         if previous is _MISSING:
             model.__dict__.pop(name, None)

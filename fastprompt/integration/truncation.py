@@ -25,10 +25,18 @@ def _set_forward(layer: nn.Module, make, saved: list) -> None:
     saved.append((layer, previous))
 
 
-def _no_grad(original):
+def _no_grad(original, skip):
+    returned = {"tuple": None}  # the layer's own output form, for skipped calls to copy
+
     def forward(*args, **kwargs):
+        if skip():  # the lower-layer cache holds what this layer would compute
+            hs = args[0] if args else kwargs["hidden_states"]
+            n = returned["tuple"]
+            return hs if n is None else (hs, *([None] * (n - 1)))
         with torch.no_grad():
-            return original(*args, **kwargs)
+            out = original(*args, **kwargs)
+        returned["tuple"] = len(out) if isinstance(out, tuple) else None
+        return out
 
     return forward
 
@@ -60,11 +68,13 @@ def _checkpointed(original, bypass, snapshot, restore):
     return forward
 
 
-def install_truncation(layers_without_grad, layers_checkpointed, saved: list, bypass=lambda: False, snapshot=lambda: None, restore=lambda s: None) -> None:
+def install_truncation(layers_without_grad, layers_checkpointed, saved: list, bypass=lambda: False, snapshot=lambda: None,
+                       restore=lambda s: None, skip=lambda: False) -> None:
     """bypass(): True while a call must run unwrapped (the prompt's own pass that fills a KV cache);
-    snapshot() / restore(state) -> previous: the per-forward state a recompute must see again."""
+    snapshot() / restore(state) -> previous: the per-forward state a recompute must see again;
+    skip(): True while layers without grad must pass their input through (lower-layer cache hit)."""
     for layer in layers_without_grad:
-        _set_forward(layer, _no_grad, saved)
+        _set_forward(layer, lambda original: _no_grad(original, skip), saved)
     for layer in layers_checkpointed:
         _set_forward(layer, lambda original: _checkpointed(original, bypass, snapshot, restore), saved)
 

@@ -1,0 +1,125 @@
+"""A 10-billion-parameter Llama trains deep prompts on this 24 GiB, 2-core CPU machine.
+
+Builds a Llama-architecture causal LM directly in int8 (or nf4 with --4bit), tensor by tensor
+from random weights (`fastprompt.loading.build_quantized`, the path that reads real checkpoints
+shard by shard), patches it with late-truncated deep prompts and checkpointing, and runs real
+training steps (forward, backward, AdamW) on one fixed batch. Prints the parameter count, peak
+resident memory, time per step and the losses, and what `fastprompt.plan` predicts; writes JSON.
+
+    python bench/big_model.py                       # 10.2 B parameters, int8, B1 S128, 3 steps
+    python bench/big_model.py --4bit --hidden 6144 --intermediate 16384 --layers 48 --heads 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _status(field) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=49)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--4bit", dest="four_bit", action="store_true", help="nf4 instead of int8")
+    ap.add_argument("--method", choices=["ptv2", "lpt"], default="ptv2")
+    ap.add_argument("--start-layer", type=int, default=None, help="default: 3/4 of the layers")
+    ap.add_argument("--num-tokens", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-lower-layers", action="store_true", help="steps after the first skip the layers below the prompts")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import LlamaConfig
+    from transformers.utils import logging as hf_logging
+
+    import fastprompt
+    from fastprompt.loading import build_quantized, random_source
+
+    hf_logging.set_verbosity_error()
+    bits = 4 if args.four_bit else 8
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads or args.heads, tie_word_embeddings=False)
+    start_layer = args.start_layer if args.start_layer is not None else 3 * args.layers // 4
+    t0 = time.perf_counter()
+
+    def progress(i, n):
+        if i % 8 == 0 or i == n:
+            print(f"  built layer {i}/{n}: RSS {_status('VmRSS') / 2**30:.2f} GiB, {time.perf_counter() - t0:.0f} s", flush=True)
+
+    model = build_quantized(config, random_source(0), bits=bits, progress=progress)
+    build_s = time.perf_counter() - t0
+    from fastprompt.planner import shape_of
+
+    shape = shape_of(model)
+    n_params = shape.quantisable + shape.other
+    print(f"model: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}: "
+          f"{n_params / 1e9:.2f} B parameters ({'nf4' if bits == 4 else 'int8'} layers, bf16 rest), built in {build_s:.0f} s, "
+          f"RSS {_status('VmRSS') / 2**30:.2f} GiB")
+    fastprompt.patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=start_layer, checkpointing=True)
+    params = fastprompt.prompt_parameters(model)
+    print(f"patched: {args.method}, P={args.num_tokens}, start_layer={start_layer}, checkpointing; "
+          f"{sum(p.numel() for p in params):,} trainable parameters")
+    extra = {}
+    if args.cache_lower_layers:
+        fastprompt.cache_lower_layers(model)
+        extra = {"example_ids": torch.arange(args.batch)}
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, args.vocab, (args.batch, args.seq), generator=g)
+    model.train()
+    losses, times = [], []
+    for step in range(args.steps):
+        t = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, **extra).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+        print(f"  step {step + 1}: loss {losses[-1]:.4f}, {times[-1]:.1f} s, peak RSS {_status('VmHWM') / 2**30:.2f} GiB", flush=True)
+    peak = _status("VmHWM")
+    planned = {}
+    for gb in (16, 24, 40, 80):
+        rows = fastprompt.plan(config, device_memory=f"{gb}GB", batch_size=args.batch, seq_len=args.seq, num_tokens=args.num_tokens,
+                               weights=("bf16", "int8", "nf4"), methods=(args.method,), start_layers=(0, start_layer), print_table=False)
+        planned[f"{gb}GB"] = [{"weights": r.weights, "start_layer": r.start_layer, "checkpointing": r.checkpointing,
+                               "peak_gib": r.peak_bytes / 2**30, "fits": r.fits} for r in rows]
+    mine = next(r for r in planned["24GB"] if r["weights"] == ("nf4" if bits == 4 else "int8") and r["start_layer"] == start_layer and r["checkpointing"])
+    print(f"parameters {n_params / 1e9:.2f} B; peak RSS {peak / 2**30:.2f} GiB (planner, device memory: {mine['peak_gib']:.2f} GiB); "
+          f"step {sorted(times)[len(times) // 2]:.1f} s (median); losses {' -> '.join(f'{l:.4f}' for l in losses)}")
+    out = Path(args.out or HERE / "results" / f"big_model_{'nf4' if bits == 4 else 'int8'}_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python bench/big_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "machine": platform.machine()}
+    out.write_text(json.dumps({"meta": meta, "args": vars(args), "parameters": n_params, "build_s": build_s, "peak_rss_bytes": peak,
+                               "step_s": times, "losses": losses, "planner": planned}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

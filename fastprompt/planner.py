@@ -1,0 +1,261 @@
+"""Memory planner: predicted peak memory and relative cost of a prompt-training step.
+
+`plan(model_or_config, device_memory="24GiB", batch_size=8, seq_len=512, num_tokens=32)` returns
+(and prints) one row per configuration: weights bf16 / int8 / nf4 x method x start layer x
+checkpointing, with the predicted peak bytes of a training step (forward, backward, AdamW step),
+its parts, the step's cost relative to P-Tuning v2 from layer 0 without checkpointing, and
+whether it fits. The formulas (README, "Memory planner"), for a batch of n = B*S tokens:
+
+    peak = weights + trainable + saved + transient
+    weights     quantised linears (the transformer layers' nn.Linear weights): 2 B/param bf16,
+                1 B + one fp32 scale per output row int8, 0.5 B + one fp32 absmax per 64 nf4;
+                everything else (embeddings, norms, lm_head, task head) in the float dtype
+    trainable   prompt + head parameters x 16 B (fp32 weight, grad, two AdamW moments)
+    saved       activations autograd keeps, per layer >= L (frozen linears save nothing):
+                llama-like: n * (2*(4H + 4) + (2*Hq + 2*Hkv_d)*a + 4*heads + 3*I*a)
+                  (two RMSNorms' fp32 inputs and rsqrt, the attention's q, k, v, out and lse,
+                  SiLU input, its output and the up projection)
+                bert-like: n * (5*H*a + 2*H + 16 + I*a + 4*H*a) + B*heads*S*(S+P)*9 with attention
+                  dropout (probabilities twice in fp32 + a bool mask), else n*(4*heads) for the lse
+                lpt: layers >= L see S+P tokens; decoder input prompts add a P-token pass per task
+                checkpointing: n*H*a per checkpointed layer, plus one layer's saved set (recompute)
+    transient   the largest working set at the peak: the loss over n x vocab fp32 logits (and
+                their gradient) for LM heads, else one layer's MLP (2 * n * I * a)
+
+with H the hidden size, Hq = heads * head_dim, Hkv_d = kv_heads * head_dim, I the intermediate
+size and a the activation dtype's bytes. Relative cost counts matmul FLOPs: forward of every
+layer, backward (input gradients only, weights are frozen) of layers >= L, recompute of layers
+>= L with checkpointing; int8/nf4 dequantisation overhead is not modelled (it depends on kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch.nn as nn
+
+GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+BERT_LIKE = ("bert", "roberta", "distilbert")
+WEIGHTS = ("bf16", "int8", "nf4")
+METHODS = ("ptv2", "prompt", "lpt")
+
+
+def parse_bytes(value) -> int:
+    """'24GiB', '80GB', '512MiB', 2**30 -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B?|B)?\s*", str(value), flags=re.I)
+    if not m:
+        raise ValueError(f"device_memory must be bytes or a size such as '24GiB' or '80GB', got {value!r}")
+    unit = (m.group(2) or "B").upper().rstrip("B") or "B"
+    scale = {"B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What the formulas need to know about a model."""
+
+    model_type: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    lm_head: bool  # logits over the vocabulary (causal / masked LM) rather than a small head
+    quantisable: int  # parameters in the layers' nn.Linear weights
+    other: int  # every other parameter (embeddings, norms, biases, lm_head, task head)
+    linear_rows: int  # output rows of the quantisable linears (int8 keeps one scale per row)
+    head_params: int  # the task head's parameters (trained)
+    attention_dropout: float
+
+
+def _config_of(obj):
+    if hasattr(obj, "config") and isinstance(obj, nn.Module):
+        return obj.config
+    if isinstance(obj, dict):
+        from transformers import AutoConfig
+
+        obj = dict(obj)
+        return AutoConfig.for_model(obj.pop("model_type"), **obj)
+    if isinstance(obj, str):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(obj)  # a config.json folder/file or a hub id
+    return obj
+
+
+def shape_of(model_or_config) -> Shape:
+    """Counts parameters exactly from a model, or from its config's sizes."""
+    c = _config_of(model_or_config)
+    mt = c.model_type
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "dim", None) or c.d_model
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None) or getattr(c, "n_layers", None) or c.num_layers
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or getattr(c, "n_heads", None) or c.num_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or hidden // heads
+    inter = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "hidden_dim", None)
+             or getattr(c, "ffn_dim", None) or getattr(c, "d_ff", None) or 4 * hidden)
+    vocab = c.vocab_size
+    is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")) for a in (getattr(c, "architectures", None) or []))
+    dropout = float(getattr(c, "attention_probs_dropout_prob", 0.0) or getattr(c, "attention_dropout", 0.0) or 0.0)
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+        is_lm = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM"))
+        from .integration.architectures import spec_for
+
+        layer_modules = [l for s in spec_for(model).stacks(model) for l in s.layers]
+        quant, rows = 0, 0
+        for layer in layer_modules:
+            for m in layer.modules():
+                if isinstance(m, nn.Linear) or type(m).__name__.startswith(("Linear8bit", "Linear4bit")):
+                    quant += m.in_features * m.out_features
+                    rows += m.out_features
+        total = sum(_numel(p) for p in model.parameters())
+        head = sum(_numel(p) for n in ("classifier", "score", "qa_outputs") if isinstance(getattr(model, n, None), nn.Module)
+                   for p in getattr(model, n).parameters())
+        return Shape(mt, layers, hidden, heads, kv, head_dim, inter, vocab, is_lm, quant, total - quant, rows, head, dropout)
+    q_out, kv_out = heads * head_dim, kv * head_dim
+    attn = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
+    mlp = (3 if mt in GATED else 2) * hidden * inter
+    rows = q_out + 2 * kv_out + hidden + ((2 * inter + hidden) if mt in GATED else (inter + hidden))
+    quant = layers * (attn + mlp)
+    emb = vocab * hidden * (1 if getattr(c, "tie_word_embeddings", mt not in GATED) else 2)
+    other = emb + layers * 4 * hidden + hidden
+    if mt in BERT_LIKE:
+        other += (getattr(c, "max_position_embeddings", 512) + 2) * hidden + layers * (q_out + 2 * kv_out + inter + 2 * hidden)
+    head = 0 if is_lm else hidden * max(getattr(c, "num_labels", 2), 2)
+    return Shape(mt, layers, hidden, heads, kv, head_dim, inter, vocab, is_lm, quant, other + head, layers * rows, head, dropout)
+
+
+def _numel(p) -> int:
+    # bitsandbytes 4-bit parameters pack two values per byte: count the logical elements
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(shape.numel()) if shape is not None else p.numel()
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    weights: str
+    method: str
+    start_layer: int
+    checkpointing: bool
+    peak_bytes: int
+    parts: dict
+    relative_cost: float
+    fits: bool
+
+
+def _prompt_params(s: Shape, method, start, p) -> int:
+    if method == "ptv2":
+        return (s.layers - start) * 2 * s.kv_heads * p * s.head_dim
+    if method == "prompt":
+        return p * s.hidden
+    return s.hidden * 128 + 128 + 128 * p * s.hidden + p * s.hidden  # lpt npg generator, r = 128
+
+
+def _saved_per_layer(s: Shape, b, t, p, a, train_dropout: bool) -> float:
+    """Bytes autograd saves in one layer with grad, for b sequences of t tokens (+ p prefix keys)."""
+    n = b * t
+    qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    if s.model_type in BERT_LIKE:
+        per_token = 5 * s.hidden * a + 2 * s.hidden + 16 + s.intermediate * a + 4 * s.hidden * a
+        if train_dropout and s.attention_dropout > 0:
+            return n * per_token + b * s.heads * t * (t + p) * 9
+        return n * (per_token + 4 * s.heads)
+    mlp = (3 if s.model_type in GATED else 2) * s.intermediate * a
+    return n * (2 * (4 * s.hidden + 4) + (2 * qd + 2 * kvd) * a + 4 * s.heads + mlp)
+
+
+def predict(s: Shape, weights, method, start, ckpt, b, t, p, float_bytes=2, act_bytes=2, tasks_in_batch=1):
+    """(peak bytes, parts) of one training step; see the module docstring for the formulas."""
+    if weights in ("bf16", "float"):  # "float": unquantised in float_bytes (4 for fp32)
+        w = s.quantisable * (2 if weights == "bf16" else float_bytes)
+    elif weights == "int8":
+        w = s.quantisable + 4 * s.linear_rows
+    else:
+        w = s.quantisable // 2 + 4 * (s.quantisable // 64)
+    w += s.other * float_bytes
+    trainable = 16 * (_prompt_params(s, method, start, p) + s.head_params)
+    upper = s.layers - start
+    t_up = t + p if method == "lpt" else t
+    per_layer = _saved_per_layer(s, b, t_up, 0 if method == "lpt" else p, act_bytes, True)
+    if ckpt:
+        saved = upper * b * t_up * s.hidden * act_bytes + per_layer
+    else:
+        saved = upper * per_layer
+    if method == "prompt" and s.model_type not in BERT_LIKE:  # the prompt's own pass, with grad
+        saved += s.layers * _saved_per_layer(s, tasks_in_batch, p, 0, act_bytes, True)
+    n = b * t
+    transient = max(2 * n * s.vocab * 4 if s.lm_head else 0, 2 * n * s.intermediate * act_bytes)
+    parts = {"weights": int(w), "trainable": int(trainable), "saved": int(saved), "transient": int(transient)}
+    return int(sum(parts.values())), parts
+
+
+def _cost(s: Shape, method, start, ckpt, t, p) -> float:
+    """Matmul FLOPs of a step relative units: forward per layer-token 1, backward 1, recompute 1."""
+    t_up = t + p if method == "lpt" else t
+    fwd = start * t + (s.layers - start) * t_up
+    bwd = (s.layers - start) * t_up
+    rec = (s.layers - start) * t_up if ckpt else 0
+    extra = s.layers * p * 2 if method == "prompt" and s.model_type not in BERT_LIKE else 0
+    return fwd + bwd + rec + extra
+
+
+def plan(model_or_config, device_memory="24GiB", batch_size: int = 8, seq_len: int = 512, num_tokens: int = 32,
+         weights=WEIGHTS, methods=METHODS, start_layers=None, checkpointing=(False, True), print_table: bool = True,
+         act_bytes: int = 2, float_bytes: int = 2) -> list[PlanRow]:
+    """Predicted peak memory of a training step for each configuration; prints a table.
+
+    model_or_config: a transformers model, its config, a config dict, or a folder / hub id of a
+    config.json. start_layers: default 0, N/2 and 3N/4. act_bytes / float_bytes: bytes of the
+    activations and of unquantised weights (2: bf16/fp16; 4: fp32).
+    """
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("num_tokens", num_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    budget = parse_bytes(device_memory)
+    s = shape_of(model_or_config)
+    for w in weights:
+        if w not in WEIGHTS:
+            raise ValueError(f"weights must be among {WEIGHTS}, got {w!r}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods must be among {METHODS}, got {m!r}")
+    starts = sorted(set(start_layers if start_layers is not None else (0, s.layers // 2, 3 * s.layers // 4)))
+    if any(not 0 <= L < s.layers for L in starts):
+        raise ValueError(f"start_layers must lie in [0, {s.layers}), got {starts}")
+    base = _cost(s, "ptv2", 0, False, seq_len, num_tokens)
+    rows = []
+    for w in weights:
+        for m in methods:
+            for L in starts if m != "prompt" else [0]:
+                for ck in checkpointing:
+                    peak, parts = predict(s, w, m, L, ck, batch_size, seq_len, num_tokens, float_bytes, act_bytes)
+                    rows.append(PlanRow(w, m, L, ck, peak, parts, _cost(s, m, L, ck, seq_len, num_tokens) / base, peak <= budget))
+    if print_table:
+        print(format_table(rows, s, budget, batch_size, seq_len, num_tokens))
+    return rows
+
+
+def _gib(x) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def format_table(rows, s: Shape, budget, b, t, p) -> str:
+    params = s.quantisable + s.other
+    lines = [
+        f"{s.model_type}: {params / 1e9:.2f} B parameters, {s.layers} layers, hidden {s.hidden}; batch {b} x {t} tokens, "
+        f"P={p}; device {_gib(budget)} GiB",
+        f"{'weights':<8}{'method':<8}{'L':>4} {'ckpt':<5}{'peak GiB':>9}{'weights':>9}{'saved':>8}{'other':>8}{'cost':>7}  fits",
+    ]
+    for r in rows:
+        other = r.parts["trainable"] + r.parts["transient"]
+        lines.append(
+            f"{r.weights:<8}{r.method:<8}{r.start_layer:>4} {('yes' if r.checkpointing else 'no'):<5}{_gib(r.peak_bytes):>9}"
+            f"{_gib(r.parts['weights']):>9}{_gib(r.parts['saved']):>8}{_gib(other):>8}{r.relative_cost:>7.2f}  {'yes' if r.fits else 'no'}"
+        )
+    return "\n".join(lines)

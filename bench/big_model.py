@@ -47,13 +47,23 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="activations and unquantised weights (default: float32 with int8, whose CPU matmul is fastest "
+                         "from fp32 here; bfloat16 with nf4)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-lower-layers", action="store_true", help="steps after the first skip the layers below the prompts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    import warnings
+
     from transformers import LlamaConfig
     from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")
+    import logging
+
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # a cast notice on every call otherwise
 
     import fastprompt
     from fastprompt.loading import build_quantized, random_source
@@ -62,22 +72,24 @@ def main(argv=None) -> int:
     bits = 4 if args.four_bit else 8
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads or args.heads, tie_word_embeddings=False)
+                         num_key_value_heads=args.kv_heads or args.heads, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
     start_layer = args.start_layer if args.start_layer is not None else 3 * args.layers // 4
+    rss_before = _status("VmRSS")  # the Python/torch runtime, before any weight exists
     t0 = time.perf_counter()
 
     def progress(i, n):
         if i % 8 == 0 or i == n:
             print(f"  built layer {i}/{n}: RSS {_status('VmRSS') / 2**30:.2f} GiB, {time.perf_counter() - t0:.0f} s", flush=True)
 
-    model = build_quantized(config, random_source(0), bits=bits, progress=progress)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if bits == 4 else "float32"))
+    model = build_quantized(config, random_source(0), bits=bits, dtype=dtype, progress=progress)
     build_s = time.perf_counter() - t0
     from fastprompt.planner import shape_of
 
     shape = shape_of(model)
     n_params = shape.quantisable + shape.other
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}: "
-          f"{n_params / 1e9:.2f} B parameters ({'nf4' if bits == 4 else 'int8'} layers, bf16 rest), built in {build_s:.0f} s, "
+          f"{n_params / 1e9:.2f} B parameters ({'nf4' if bits == 4 else 'int8'} layers, {str(dtype)[6:]} rest), built in {build_s:.0f} s, "
           f"RSS {_status('VmRSS') / 2**30:.2f} GiB")
     fastprompt.patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=start_layer, checkpointing=True)
     params = fastprompt.prompt_parameters(model)
@@ -106,16 +118,27 @@ def main(argv=None) -> int:
     for gb in (16, 24, 40, 80):
         rows = fastprompt.plan(config, device_memory=f"{gb}GB", batch_size=args.batch, seq_len=args.seq, num_tokens=args.num_tokens,
                                weights=("bf16", "int8", "nf4"), methods=(args.method,), start_layers=(0, start_layer), print_table=False)
+        if gb == 24:
+            fastprompt.plan(config, device_memory="24GB", batch_size=args.batch, seq_len=args.seq, num_tokens=args.num_tokens,
+                            weights=("bf16", "int8", "nf4"), methods=(args.method,), start_layers=(0, start_layer))
         planned[f"{gb}GB"] = [{"weights": r.weights, "start_layer": r.start_layer, "checkpointing": r.checkpointing,
                                "peak_gib": r.peak_bytes / 2**30, "fits": r.fits} for r in rows]
     mine = next(r for r in planned["24GB"] if r["weights"] == ("nf4" if bits == 4 else "int8") and r["start_layer"] == start_layer and r["checkpointing"])
-    print(f"parameters {n_params / 1e9:.2f} B; peak RSS {peak / 2**30:.2f} GiB (planner, device memory: {mine['peak_gib']:.2f} GiB); "
+    from fastprompt.planner import predict
+
+    size = torch.empty(0, dtype=dtype).element_size()
+    this_run, _ = predict(shape, "nf4" if bits == 4 else "int8", args.method, start_layer, True, args.batch, args.seq, args.num_tokens,
+                          float_bytes=size, act_bytes=size, overhead=48 * 2**20)
+    print(f"planner for this run ({str(dtype)[6:]} activations and unquantised weights, CPU): {this_run / 2**30:.2f} GiB; "
+          f"measured peak RSS - RSS before building: {(peak - rss_before) / 2**30:.2f} GiB")
+    print(f"parameters {n_params / 1e9:.2f} B; peak RSS {peak / 2**30:.2f} GiB (planner, 24 GB device, bf16: {mine['peak_gib']:.2f} GiB); "
           f"step {sorted(times)[len(times) // 2]:.1f} s (median); losses {' -> '.join(f'{l:.4f}' for l in losses)}")
     out = Path(args.out or HERE / "results" / f"big_model_{'nf4' if bits == 4 else 'int8'}_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python bench/big_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "machine": platform.machine()}
     out.write_text(json.dumps({"meta": meta, "args": vars(args), "parameters": n_params, "build_s": build_s, "peak_rss_bytes": peak,
+                               "rss_before_build_bytes": rss_before, "planner_this_run_bytes": this_run,
                                "step_s": times, "losses": losses, "planner": planned}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -55,7 +55,8 @@ def draw(results_path: Path, out: Path) -> Path:
 def _draw_accuracy(plt, meta, results, out: Path) -> Path:
     """results: {"task/configuration": {metric, speed_vs_peft, peak_mib}} -> one row of panels per task."""
     tasks = sorted({k.split("/", 1)[0] for k in results})
-    panels = [("metric", "dev accuracy / valid entity F1\n(higher is better)", "{:.4f}"),
+    metric_name = {"sst2": "dev accuracy", "conll": "valid entity F1"}
+    panels = [("metric", "{metric}\n(higher is better)", "{:.4f}"),
               ("speed_vs_peft", "training speed (x PEFT prefix tuning,\nhigher is better)", "{:.2f}x"),
               ("peak_mib", "peak RSS MiB\n(lower is better)", "{:.0f}")]
     names = sorted({k.split("/", 1)[1] for k in results}, key=lambda n: (not n.startswith("peft"), n))
@@ -72,9 +73,9 @@ def _draw_accuracy(plt, meta, results, out: Path) -> Path:
             ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize=8)
             lo = min(values) * 0.9 if key == "metric" else 0
             ax.set_xlim(lo, max(values) * (1.02 if key == "metric" else 1.25))
-            ax.set_title(f"{task}: {title}", fontsize=10)
+            ax.set_title(f"{task}: " + title.format(metric=metric_name.get(task, "metric")), fontsize=10)
             ax.invert_yaxis()
-    fig.suptitle(f"MiniLM, one fixed budget per task ({meta['command'].strip()}; {meta['date']})", fontsize=9)
+    fig.suptitle(f"MiniLM, one fixed budget per task, PEFT prefix tuning dashed (bench/accuracy_parity.py, {meta['date'][:10]})", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -6,7 +6,7 @@ checkpointing, with the predicted peak bytes of a training step (forward, backwa
 its parts, the step's cost relative to P-Tuning v2 from layer 0 without checkpointing, and
 whether it fits. The formulas (README, "Memory planner"), for a batch of n = B*S tokens:
 
-    peak = weights + trainable + saved + transient
+    peak = weights + trainable + saved + transient + overhead
     weights     quantised linears (the transformer layers' nn.Linear weights): 2 B/param bf16,
                 1 B + one fp32 scale per output row int8, 0.5 B + one fp32 absmax per 64 nf4;
                 everything else (embeddings, norms, lm_head, task head) in the float dtype
@@ -15,12 +15,16 @@ whether it fits. The formulas (README, "Memory planner"), for a batch of n = B*S
                 llama-like: n * (2*(4H + 4) + (2*Hq + 2*Hkv_d)*a + 4*heads + 3*I*a)
                   (two RMSNorms' fp32 inputs and rsqrt, the attention's q, k, v, out and lse,
                   SiLU input, its output and the up projection)
-                bert-like: n * (5*H*a + 2*H + 16 + I*a + 4*H*a) + B*heads*S*(S+P)*9 with attention
-                  dropout (probabilities twice in fp32 + a bool mask), else n*(4*heads) for the lse
+                bert-like: n * (4*H*a + 16 + I*a + 2*H*a + 4*heads) (LayerNorm inputs and stats, GELU
+                  input, the fused attention's q, k, v, out and lse); with attention dropout (plain
+                  torch backend) the attention part is 4*H*a + heads*(8*(S+P) + 4*S + 4*P) per token
                 lpt: layers >= L see S+P tokens; decoder input prompts add a P-token pass per task
                 checkpointing: n*H*a per checkpointed layer, plus one layer's saved set (recompute)
-    transient   the largest working set at the peak: the loss over n x vocab fp32 logits (and
-                their gradient) for LM heads, else one layer's MLP (2 * n * I * a)
+    transient   the largest working set at the peak: for LM heads the loss over n x vocab logits
+                (n * vocab * (a + 10): logits, fp32 copy, log-softmax, two gradients), else one
+                layer's MLP (2 * n * I * a)
+    overhead    the framework's own memory: `overhead=` (default 512 MiB for a CUDA context and
+                workspaces; about 50 MiB of library workspace on CPU, measured here)
 
 with H the hidden size, Hq = heads * head_dim, Hkv_d = kv_heads * head_dim, I the intermediate
 size and a the activation dtype's bytes. Relative cost counts matmul FLOPs: forward of every
@@ -123,11 +127,22 @@ def shape_of(model_or_config) -> Shape:
     mlp = (3 if mt in GATED else 2) * hidden * inter
     rows = q_out + 2 * kv_out + hidden + ((2 * inter + hidden) if mt in GATED else (inter + hidden))
     quant = layers * (attn + mlp)
-    emb = vocab * hidden * (1 if getattr(c, "tie_word_embeddings", mt not in GATED) else 2)
-    other = emb + layers * 4 * hidden + hidden
-    if mt in BERT_LIKE:
-        other += (getattr(c, "max_position_embeddings", 512) + 2) * hidden + layers * (q_out + 2 * kv_out + inter + 2 * hidden)
-    head = 0 if is_lm else hidden * max(getattr(c, "num_labels", 2), 2)
+    labels = max(getattr(c, "num_labels", 2), 2)
+    if mt in GATED:  # RMSNorms without bias; Qwen2 has q/k/v biases
+        tied = getattr(c, "tie_word_embeddings", False)
+        other = vocab * hidden * (1 if tied or not is_lm else 2) + layers * 2 * hidden + hidden
+        other += layers * (q_out + 2 * kv_out) if mt == "qwen2" else 0
+        head = 0 if is_lm else hidden * labels
+    elif mt in BERT_LIKE:  # word/position/type embeddings and LayerNorm; per layer biases and two LayerNorms; pooler
+        positions = getattr(c, "max_position_embeddings", 512)
+        types = getattr(c, "type_vocab_size", 0) if mt != "distilbert" else 0
+        other = (vocab + positions + types) * hidden + 2 * hidden
+        other += layers * (q_out + 2 * kv_out + hidden + inter + hidden + 4 * hidden)
+        other += 0 if mt == "distilbert" or is_lm else hidden * hidden + hidden
+        head = 0 if is_lm else hidden * labels + labels
+    else:  # GPT-2, OPT, T5 and others: an estimate (biases and LayerNorms per layer)
+        other = vocab * hidden + layers * (4 * hidden + q_out + 2 * kv_out + hidden + inter + hidden) + 2 * hidden
+        head = 0 if is_lm else hidden * labels
     return Shape(mt, layers, hidden, heads, kv, head_dim, inter, vocab, is_lm, quant, other + head, layers * rows, head, dropout)
 
 
@@ -162,15 +177,18 @@ def _saved_per_layer(s: Shape, b, t, p, a, train_dropout: bool) -> float:
     n = b * t
     qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
     if s.model_type in BERT_LIKE:
-        per_token = 5 * s.hidden * a + 2 * s.hidden + 16 + s.intermediate * a + 4 * s.hidden * a
         if train_dropout and s.attention_dropout > 0:
-            return n * per_token + b * s.heads * t * (t + p) * 9
-        return n * (per_token + 4 * s.heads)
+            # the plain torch backend (attention dropout): q/k/v and their per-part copies, the
+            # probabilities over [prefix; sequence] before and after dropout, the sequence part again
+            attn = 4 * s.hidden * a + s.heads * (8 * (t + p) + 4 * t + 4 * p)
+        else:  # the fused backend: q, k, v, out and the log-sum-exp
+            attn = 2 * s.hidden * a + 4 * s.heads
+        return n * (4 * s.hidden * a + 16 + s.intermediate * a + attn)  # + LayerNorm inputs, stats, GELU input
     mlp = (3 if s.model_type in GATED else 2) * s.intermediate * a
     return n * (2 * (4 * s.hidden + 4) + (2 * qd + 2 * kvd) * a + 4 * s.heads + mlp)
 
 
-def predict(s: Shape, weights, method, start, ckpt, b, t, p, float_bytes=2, act_bytes=2, tasks_in_batch=1):
+def predict(s: Shape, weights, method, start, ckpt, b, t, p, float_bytes=2, act_bytes=2, tasks_in_batch=1, overhead=0):
     """(peak bytes, parts) of one training step; see the module docstring for the formulas."""
     if weights in ("bf16", "float"):  # "float": unquantised in float_bytes (4 for fp32)
         w = s.quantisable * (2 if weights == "bf16" else float_bytes)
@@ -190,8 +208,9 @@ def predict(s: Shape, weights, method, start, ckpt, b, t, p, float_bytes=2, act_
     if method == "prompt" and s.model_type not in BERT_LIKE:  # the prompt's own pass, with grad
         saved += s.layers * _saved_per_layer(s, tasks_in_batch, p, 0, act_bytes, True)
     n = b * t
-    transient = max(2 * n * s.vocab * 4 if s.lm_head else 0, 2 * n * s.intermediate * act_bytes)
-    parts = {"weights": int(w), "trainable": int(trainable), "saved": int(saved), "transient": int(transient)}
+    # the loss: logits, their fp32 copy, log-softmax and two gradients of n x vocab (measured 3.5x fp32 logits)
+    transient = max(n * s.vocab * (act_bytes + 10) if s.lm_head else 0, 2 * n * s.intermediate * act_bytes)
+    parts = {"weights": int(w), "trainable": int(trainable), "saved": int(saved), "transient": int(transient), "overhead": int(overhead)}
     return int(sum(parts.values())), parts
 
 
@@ -207,17 +226,20 @@ def _cost(s: Shape, method, start, ckpt, t, p) -> float:
 
 def plan(model_or_config, device_memory="24GiB", batch_size: int = 8, seq_len: int = 512, num_tokens: int = 32,
          weights=WEIGHTS, methods=METHODS, start_layers=None, checkpointing=(False, True), print_table: bool = True,
-         act_bytes: int = 2, float_bytes: int = 2) -> list[PlanRow]:
+         act_bytes: int = 2, float_bytes: int = 2, overhead="512MiB") -> list[PlanRow]:
     """Predicted peak memory of a training step for each configuration; prints a table.
 
     model_or_config: a transformers model, its config, a config dict, or a folder / hub id of a
     config.json. start_layers: default 0, N/2 and 3N/4. act_bytes / float_bytes: bytes of the
-    activations and of unquantised weights (2: bf16/fp16; 4: fp32).
+    activations and of unquantised weights (2: bf16/fp16; 4: fp32). overhead: memory the
+    framework takes besides tensors (a CUDA context and library workspaces; about 50 MiB of
+    library workspace on CPU).
     """
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("num_tokens", num_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     budget = parse_bytes(device_memory)
+    overhead = parse_bytes(overhead) if overhead else 0
     s = shape_of(model_or_config)
     for w in weights:
         if w not in WEIGHTS:
@@ -234,7 +256,7 @@ def plan(model_or_config, device_memory="24GiB", batch_size: int = 8, seq_len: i
         for m in methods:
             for L in starts if m != "prompt" else [0]:
                 for ck in checkpointing:
-                    peak, parts = predict(s, w, m, L, ck, batch_size, seq_len, num_tokens, float_bytes, act_bytes)
+                    peak, parts = predict(s, w, m, L, ck, batch_size, seq_len, num_tokens, float_bytes, act_bytes, overhead=overhead)
                     rows.append(PlanRow(w, m, L, ck, peak, parts, _cost(s, m, L, ck, seq_len, num_tokens) / base, peak <= budget))
     if print_table:
         print(format_table(rows, s, budget, batch_size, seq_len, num_tokens))
@@ -253,7 +275,7 @@ def format_table(rows, s: Shape, budget, b, t, p) -> str:
         f"{'weights':<8}{'method':<8}{'L':>4} {'ckpt':<5}{'peak GiB':>9}{'weights':>9}{'saved':>8}{'other':>8}{'cost':>7}  fits",
     ]
     for r in rows:
-        other = r.parts["trainable"] + r.parts["transient"]
+        other = r.parts["trainable"] + r.parts["transient"] + r.parts["overhead"]
         lines.append(
             f"{r.weights:<8}{r.method:<8}{r.start_layer:>4} {('yes' if r.checkpointing else 'no'):<5}{_gib(r.peak_bytes):>9}"
             f"{_gib(r.parts['weights']):>9}{_gib(r.parts['saved']):>8}{_gib(other):>8}{r.relative_cost:>7.2f}  {'yes' if r.fits else 'no'}"

@@ -15,6 +15,7 @@ import fastprompt
 from fastprompt.planner import parse_bytes, predict, shape_of
 
 HERE = Path(__file__).resolve().parent
+CPU_WORKSPACE = 48 * 2**20  # oneDNN/MKL and autograd-engine memory of a first training step on CPU (measured)
 LLAMA = dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=2, num_labels=2, pad_token_id=0)
 BERT = dict(model_type="bert", vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
@@ -44,7 +45,7 @@ def test_prediction_within_15_percent_of_measured_peak(config, cls, batch, seq, 
     c = tf.AutoConfig.for_model(**config)
     c.architectures = [cls]
     predicted, parts = predict(shape_of(c), "float", patch["method"], patch["start_layer"], patch.get("checkpointing", False),
-                               batch, seq, patch["num_tokens"], float_bytes=4, act_bytes=4)
+                               batch, seq, patch["num_tokens"], float_bytes=4, act_bytes=4, overhead=CPU_WORKSPACE)
     print(f"{cls} {patch}: predicted {predicted / 2**20:.0f} MiB {parts}, measured {measured / 2**20:.0f} MiB")
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, parts)
 

@@ -162,12 +162,12 @@ _RUN_SETTINGS = ("model", "data", "eval", "task", "method", "num_tokens", "start
                  "cache_lower_layers")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: checkpoint, save, exit."""
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM arrived: stop at the end of the current step (a consistent checkpoint)."""
 
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def train(args, parser) -> int:
@@ -266,7 +266,22 @@ def train(args, parser) -> int:
 
     import signal
 
-    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    # a signal only sets a flag: the loop stops between steps, so the checkpoint never holds a
+    # half-done step (parameters updated, step count not); a second Ctrl-C stops at once
+    stop = {"signum": None}
+
+    def on_signal(signum, frame):
+        if stop["signum"] is not None:
+            raise KeyboardInterrupt
+        stop["signum"] = signum
+        tqdm.write("stopping after this step (press Ctrl-C again to stop now)")
+
+    def check_stop():
+        if stop["signum"] is not None:
+            raise _Stop(stop["signum"])
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled} if threading.current_thread() is threading.main_thread() else {}
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
@@ -296,6 +311,7 @@ def train(args, parser) -> int:
                 bar.update()
                 if args.save_every and step % args.save_every == 0:
                     checkpoint()
+                check_stop()
             position = {"epoch": epoch + 1, "batch": 0, "rng": rng.getstate()}
             if eval_set:
                 acc = _evaluate(model, tokenizer, eval_set, args, labels)
@@ -303,18 +319,25 @@ def train(args, parser) -> int:
                 if acc > best:
                     best, best_epoch = acc, epoch
                     save_prompts(model, args.out)
+            check_stop()
             if step >= total:
                 break
-    except KeyboardInterrupt as e:
+    except _Stop as e:
         bar.close()
         checkpoint()
         save_prompts(model, args.out)
         print(f"\ninterrupted at step {step}: prompts saved to {args.out}; continue with "
               f"`fastprompt train --resume {ckpt_dir}`", file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
+        return 143 if e.signum == signal.SIGTERM else 130
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step: no checkpoint of a half-done step
+        bar.close()
+        save_prompts(model, args.out)
+        print(f"\ninterrupted during step {step + 1}: prompts saved to {args.out}; `fastprompt train --resume {ckpt_dir}` "
+              "continues from the last periodic checkpoint", file=sys.stderr)
+        return 130
     finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if log is not None:
             log.close()
     bar.close()

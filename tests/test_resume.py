@@ -66,27 +66,36 @@ def _losses(path):
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 
-def test_cli_killed_by_sigterm_resumes_with_identical_losses(tmp_path):
-    common = ["--steps", "40", "--batch-size", "8", "--max-length", "24", "--num-tokens", "4", "--save-every", "3"]
-    cli = [sys.executable, "-m", "fastprompt.cli", "train"]
-    full = subprocess.run([*cli, *common, "--out", str(tmp_path / "a"), "--log", str(tmp_path / "a.jsonl")], capture_output=True, text=True)
-    assert full.returncode == 0, full.stderr[-2000:]
+COMMON = ["--steps", "40", "--batch-size", "8", "--max-length", "24", "--num-tokens", "4", "--save-every", "3"]
+CLI = [sys.executable, "-m", "fastprompt.cli", "train"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("full")
+    full = subprocess.run([*CLI, *COMMON, "--out", str(d / "a"), "--log", str(d / "a.jsonl")], capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    return _losses(d / "a.jsonl")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_cli_stopped_by_a_signal_resumes_with_identical_losses(tmp_path, uninterrupted, sig, code):
     ckpt = tmp_path / "b.ckpt"
-    proc = subprocess.Popen([*cli, *common, "--out", str(tmp_path / "b"), "--log", str(tmp_path / "b.jsonl")],
+    proc = subprocess.Popen([*CLI, *COMMON, "--out", str(tmp_path / "b"), "--log", str(tmp_path / "b.jsonl")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (ckpt / "latest.json").is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     assert "--resume" in err
     stopped = json.loads((ckpt / "latest.json").read_text())["step"]
     assert 3 <= stopped < 40
+    assert max(_losses(tmp_path / "b.jsonl")) == stopped  # the checkpoint is at the last finished step
 
-    resumed = subprocess.run([*cli, "--resume", str(ckpt), "--log", str(tmp_path / "c.jsonl")], capture_output=True, text=True)
+    resumed = subprocess.run([*CLI, "--resume", str(ckpt), "--log", str(tmp_path / "c.jsonl")], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    want, got = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "c.jsonl")
+    got = _losses(tmp_path / "c.jsonl")
     assert sorted(got) == list(range(stopped + 1, 41))
-    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(got)]
+    assert [got[s] for s in sorted(got)] == [uninterrupted[s] for s in sorted(got)]

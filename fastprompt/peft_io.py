@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .api import _runtime, patch, unwrap
+from .api import _runtime, patch, prompt_parameters, unwrap
 from .config import PromptConfig
 from .integration.architectures import fingerprint, spec_for
 from .integration.patching import runtime_of
-from .serialization import PromptLoadError, _atomic_write
+from .serialization import PromptLoadError, _atomic_write, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,14 +63,10 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
     """
     d = Path(path)
     cfile, wfile = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
-    for f in (cfile, wfile):
-        if not f.is_file():
-            raise PromptLoadError(f"{f}: no such file (expected a PEFT adapter directory)")
-    try:
-        cfg = json.loads(cfile.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PromptLoadError(f"{cfile}: not valid JSON ({e})") from None
-    kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
+    cfg = read_json_object(cfile, "a PEFT adapter directory")
+    if not wfile.is_file():
+        raise PromptLoadError(f"{wfile}: no such file (expected a PEFT adapter directory)")
+    kind = cfg.get("peft_type")
     if kind not in ("PREFIX_TUNING", "PROMPT_TUNING"):
         raise PromptLoadError(f"{cfile}: peft_type must be PREFIX_TUNING or PROMPT_TUNING, got {kind!r}")
     try:
@@ -122,11 +118,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
         for k, v in head.items():
             name, rest = k.split(".", 1)
             getattr(model, name).state_dict(keep_vars=True)[rest].copy_(v)
-    for p_ in runtime.prompts.parameters():
+    for p_ in prompt_parameters(model):
         p_.requires_grad_(trainable)
-    for name in runtime.head_names:
-        for p_ in getattr(model, name).parameters():
-            p_.requires_grad_(trainable)
     return model
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .api import _runtime, unwrap, patch
+from .api import _runtime, patch, prompt_parameters, unwrap
 from .banks import copy_into_task, single_task_config, task_tensors
 from .config import PromptConfig
 from .integration.architectures import fingerprint
@@ -110,17 +110,23 @@ class PromptLoadError(ValueError):
     """A saved prompt cannot be loaded into this model; the message says why."""
 
 
-def read_prompt_config(path: str | os.PathLike) -> tuple[PromptConfig, dict]:
-    """Parses and validates `fastprompt.json` in `path`: (config, the whole JSON)."""
-    f = Path(path) / CONFIG_FILE
+def read_json_object(f: Path, expected: str) -> dict:
+    """A JSON object from file f, or PromptLoadError naming the file and what was expected there."""
     if not f.is_file():
-        raise PromptLoadError(f"{f}: no such file (expected a directory written by fastprompt.save_prompts)")
+        raise PromptLoadError(f"{f}: no such file (expected {expected})")
     try:
         meta = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PromptLoadError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise PromptLoadError(f"{f}: expected a JSON object")
+    return meta
+
+
+def read_prompt_config(path: str | os.PathLike) -> tuple[PromptConfig, dict]:
+    """Parses and validates `fastprompt.json` in `path`: (config, the whole JSON)."""
+    f = Path(path) / CONFIG_FILE
+    meta = read_json_object(f, "a directory written by fastprompt.save_prompts")
     missing, unknown = sorted(_JSON_FIELDS - set(meta)), sorted(set(meta) - _JSON_FIELDS)
     if missing or unknown:
         raise PromptLoadError(f"{f}: missing fields {missing}, unknown fields {unknown}")
@@ -224,9 +230,6 @@ def load_prompts(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
             for name in meta["heads"]:
                 for k, p in getattr(model, name).state_dict(keep_vars=True).items():
                     p.copy_(tensors[f"head.{name}.{k}"])
-    for p in runtime.prompts.parameters():
+    for p in prompt_parameters(model):  # the prompt's, then the trained heads'
         p.requires_grad_(trainable)
-    for name in runtime.head_names:
-        for p in getattr(model, name).parameters():
-            p.requires_grad_(trainable)
     return model

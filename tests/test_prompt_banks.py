@@ -21,6 +21,25 @@ def _rows(inputs, rows):
     return {k: v[rows] for k, v in inputs.items()}
 
 
+def _check_each_task(model, out, bank, tasks, reference):
+    """Backward through the mixed batch, unpatch, then per task: outputs and the bank's gradient
+    against reference(leaf prompt of that task, its rows), which runs the unpatched model."""
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    grad = bank.grad.clone()
+    fastprompt.unpatch(model)
+    for t in range(tasks):
+        rows = (IDS == t).nonzero(as_tuple=True)[0]
+        leaf = bank[t].detach().clone().requires_grad_(True)
+        if len(rows) == 0:
+            assert grad[t].abs().sum() == 0  # a task not in the batch gets no gradient
+            continue
+        ref = reference(leaf, rows)
+        (ref * w[rows]).sum().backward()
+        torch.testing.assert_close(out[rows], ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(grad[t], leaf.grad, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("start_layer", [0, 1])
 @pytest.mark.parametrize("arch", ["bert", "llama", "t5"])
 def test_ptv2_mixed_batch_matches_each_tasks_concat_reference(arch, start_layer):
@@ -28,21 +47,8 @@ def test_ptv2_mixed_batch_matches_each_tasks_concat_reference(arch, start_layer)
     inputs = model_inputs(arch, batch=4)
     fastprompt.patch(model, method="ptv2", num_tokens=3, start_layer=start_layer, num_tasks=4)
     out = output_tensor(model(**inputs, prompt_ids=IDS))
-    w = torch.randn_like(out)
-    (out * w).sum().backward()
-    bank = model.fastprompt.prefix
-    grad = bank.grad.clone()
-    fastprompt.unpatch(model)
-    for t in range(4):
-        rows = (IDS == t).nonzero(as_tuple=True)[0]
-        leaf = bank[t].detach().clone().requires_grad_(True)
-        if len(rows) == 0:
-            assert grad[t].abs().sum() == 0  # task 3 is not in the batch
-            continue
-        ref = _reference_run(model, arch, leaf, start_layer, _rows(inputs, rows))
-        (ref * w[rows]).sum().backward()
-        torch.testing.assert_close(out[rows], ref, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(grad[t], leaf.grad, atol=2e-5, rtol=1e-4)
+    _check_each_task(model, out, model.fastprompt.prefix, 4,
+                     lambda leaf, rows: _reference_run(model, arch, leaf, start_layer, _rows(inputs, rows)))
 
 
 def test_decoder_prompt_bank_matches_per_task_prompt_in_cache():
@@ -50,17 +56,7 @@ def test_decoder_prompt_bank_matches_per_task_prompt_in_cache():
     inputs = model_inputs("llama", batch=4)
     fastprompt.patch(model, method="prompt", num_tokens=3, num_tasks=3)
     out = model(**inputs, prompt_ids=IDS).logits
-    out.square().sum().backward()
-    bank = model.fastprompt.embedding
-    grad = bank.grad.clone()
-    fastprompt.unpatch(model)
-    for t in range(3):
-        rows = (IDS == t).nonzero(as_tuple=True)[0]
-        leaf = bank[t].detach().clone().requires_grad_(True)
-        ref = _decoder_reference(model, "llama", leaf, _rows(inputs, rows))
-        ref.square().sum().backward()
-        torch.testing.assert_close(out[rows], ref, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(grad[t], leaf.grad, atol=2e-5, rtol=1e-4)
+    _check_each_task(model, out, model.fastprompt.embedding, 3, lambda leaf, rows: _decoder_reference(model, "llama", leaf, _rows(inputs, rows)))
 
 
 def test_encoder_prompt_bank_matches_per_task_insertion():
@@ -69,18 +65,8 @@ def test_encoder_prompt_bank_matches_per_task_insertion():
     inputs["attention_mask"][1, 4:] = 0
     fastprompt.patch(model, method="prompt", num_tokens=3, num_tasks=3)
     out = model(**inputs, prompt_ids=IDS).last_hidden_state
-    w = torch.randn_like(out)
-    (out * w).sum().backward()
-    bank = model.fastprompt.embedding
-    grad = bank.grad.clone()
-    fastprompt.unpatch(model)
-    for t in range(3):
-        rows = (IDS == t).nonzero(as_tuple=True)[0]
-        leaf = bank[t].detach().clone().requires_grad_(True)
-        ref = _prompt_bert_reference(model, leaf, inputs["input_ids"][rows], inputs["attention_mask"][rows])
-        (ref * w[rows]).sum().backward()
-        torch.testing.assert_close(out[rows], ref, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(grad[t], leaf.grad, atol=2e-5, rtol=1e-4)
+    _check_each_task(model, out, model.fastprompt.embedding, 3,
+                     lambda leaf, rows: _prompt_bert_reference(model, leaf, inputs["input_ids"][rows], inputs["attention_mask"][rows]))
 
 
 def test_lpt_bank_uses_each_examples_generator():

@@ -6,6 +6,7 @@ full evaluation set at the end of the budget, wall time, examples/s and peak RSS
 
     python bench/accuracy_parity.py                       # both tasks, 1,500 steps each
     python bench/accuracy_parity.py --task sst2 --steps 300
+    python bench/accuracy_parity.py --task conll --seed 1 --configs "peft prefix,ptv2 L=0"
 """
 
 from __future__ import annotations

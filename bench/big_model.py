@@ -24,11 +24,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+sys.path.insert(0, str(HERE))
+from measure import proc_status_bytes  # noqa: E402
+
+
 def _status(field) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
+    return proc_status_bytes(field) or 0
 
 
 def main(argv=None) -> int:

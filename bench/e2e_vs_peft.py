@@ -147,13 +147,8 @@ def _peak_child(args, spec, queue):
 def _vm_hwm_mib() -> float:
     """This process's peak resident memory. VmHWM belongs to the address space, which exec
     replaces; ru_maxrss would carry the parent's peak over into a spawned child."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hwm = measure.proc_status_bytes("VmHWM")
+    return hwm / 2**20 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory(args, spec) -> float:

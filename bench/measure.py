@@ -20,3 +20,15 @@ def saved_bytes(run, exclude) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = run()
     return sum(seen.values()), result
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM", ...) in bytes; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -92,13 +92,13 @@ def bench(args) -> int:
     return subprocess.call([sys.executable, str(script), *args.args])
 
 
-def _batches(examples, batch_size, shuffle, rng, with_indices=False):
+def _batches(examples, batch_size, shuffle, rng):
+    """(dataset indices, examples) per batch."""
     order = list(range(len(examples)))
     if shuffle:
         rng.shuffle(order)
     for i in range(0, len(order), batch_size):
-        batch = [examples[j] for j in order[i : i + batch_size]]
-        yield (order[i : i + batch_size], batch) if with_indices else batch
+        yield order[i : i + batch_size], [examples[j] for j in order[i : i + batch_size]]
 
 
 def _encode(tokenizer, batch, max_length, task):
@@ -125,7 +125,7 @@ def _evaluate(model, tokenizer, examples, args, labels) -> float:
     """Accuracy (sequence classification) or entity-level F1 (token classification)."""
     model.eval()
     correct, gold, pred = 0, [], []
-    for batch in _batches(examples, 64, False, None):
+    for _, batch in _batches(examples, 64, False, None):
         enc = _encode(tokenizer, batch, args.max_length, args.task)
         y = enc.pop("labels")
         logits = model(**enc).logits
@@ -290,7 +290,7 @@ def train(args, parser) -> int:
             # the epoch's order comes from the generator's state at its start: a resumed run
             # rebuilds the same order and skips the batches already trained
             epoch_rng = rng.getstate()
-            for i, (index, batch) in enumerate(_batches(train_set, args.batch_size, True, rng, with_indices=True)):
+            for i, (index, batch) in enumerate(_batches(train_set, args.batch_size, True, rng)):
                 if step >= total:
                     break
                 if epoch == first_epoch and i < skip:

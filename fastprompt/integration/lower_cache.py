@@ -98,8 +98,6 @@ def install_lower_cache(runtime, stack, start: int, cache: LowerLayerCache) -> N
 
     def decide(module, args, kwargs):
         ids = runtime.example_ids
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        runtime.cache_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         runtime.skip_lower = ids is not None and cache.has_all(ids)
         return None
 
@@ -108,7 +106,7 @@ def install_lower_cache(runtime, stack, start: int, cache: LowerLayerCache) -> N
         if ids is None:
             return None
         hs = args[0] if args else kwargs["hidden_states"]
-        real = real_tokens(runtime.cache_mask, hs)
+        real = real_tokens(runtime.mask2d, hs)  # the padding mask patching captures for the stack
         if runtime.skip_lower:
             hs = cache.get(ids, real, hs)
             if args:

@@ -43,7 +43,6 @@ class _ForwardState(threading.local):
     prompt_ids = None  # (B,) task of each example, or None (task 0)
     example_ids = None  # (B,) dataset index of each example, for the lower-layer cache
     skip_lower = False  # every example of this forward is in the lower-layer cache
-    cache_mask = None
 
 
 def _state_property(name):
@@ -60,7 +59,6 @@ class PromptRuntime:
     prompt_ids = _state_property("prompt_ids")
     example_ids = _state_property("example_ids")
     skip_lower = _state_property("skip_lower")
-    cache_mask = _state_property("cache_mask")
 
     def __init__(self, model, config, stacks: list[Stack], prompts: nn.Module, mode: str):
         self.config = config
@@ -186,9 +184,12 @@ def _bind(runtime, module, slot, inserted=0, causal=False):
 
 
 def _capture_mask(runtime, stack: Stack) -> None:
-    """Keeps the (B, T) padding mask the stack's owner is called with, for the inserted tokens."""
+    """Keeps the (B, T) padding mask the stack's owner is called with (inserted tokens and the
+    lower-layer cache place themselves by it)."""
 
     def prehook(module, args, kwargs):
+        if runtime.computing:  # a decoder prompt's own pass, inside the real forward
+            return None
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         runtime.mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         runtime.inserted_in_flight = 0  # a forward that raised midway leaves nothing behind
@@ -272,10 +273,8 @@ def _wrap_entry_points(model, runtime) -> None:
             params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
 
         def wrapper(*args, prompt_ids=None, example_ids=None, **kwargs):
-            if prompt_ids is None and runtime.prompt_ids is not None and not is_forward:
-                prompt_ids = runtime.prompt_ids
-            if prompt_ids is None and is_forward and runtime.prompt_ids is not None:
-                ids = runtime.prompt_ids  # inside generate(): the ids it was given
+            if prompt_ids is None and runtime.prompt_ids is not None:
+                ids = runtime.prompt_ids  # called inside generate(): the ids it was given
             else:
                 ids = runtime.check_prompt_ids(prompt_ids, _batch_size(args, kwargs))
             if runtime.config.heads and is_forward:
@@ -458,8 +457,8 @@ def install(model: nn.Module, config) -> PromptRuntime:
                         slot += 1
         elif mode == "prompt_kv":
             _install_prompt_kv(model, runtime, first, spec.absolute_positions)
-        else:
-            _capture_mask(runtime, first)
+        _capture_mask(runtime, first)
+        if mode == "insert":
             if config.method == "prompt":
                 soft = prompts
 

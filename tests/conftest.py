@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -77,3 +78,18 @@ def output_tensor(out):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@contextlib.contextmanager
+def peft_runs(what: str):
+    """Runs a PEFT call; where PEFT itself refuses the installed transformers (peft 0.21.2's prefix
+    tuning on transformers 5.24 looks for a `past_key_values` argument that 5.24 renamed), the test
+    is skipped with that reason. Only PEFT's side may skip: fastprompt's own calls never go in here."""
+    import peft
+
+    try:
+        yield
+    except ValueError as e:
+        if "does not support past key values" not in str(e):
+            raise
+        pytest.skip(f"peft {peft.__version__} cannot run {what} on transformers {tf.__version__}: {e}")

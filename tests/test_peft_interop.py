@@ -9,14 +9,15 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 import fastprompt
-from conftest import model_inputs, tiny_model
+from conftest import model_inputs, peft_runs, tiny_model
 
 P = 3
 
 
 def _peft_adapter(tmp_path, arch, kind, peft_config):
     model = tiny_model(arch, kind=kind)
-    peft_model = get_peft_model(model, peft_config)
+    with peft_runs(f"{type(peft_config).__name__} on {type(model).__name__}"):
+        peft_model = get_peft_model(model, peft_config)
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:  # the prompt (and head): away from their init
@@ -43,7 +44,7 @@ def _inputs(arch):
 def test_imported_adapter_reproduces_peft_logits(tmp_path, arch, kind, task, peft_cls):
     peft_model = _peft_adapter(tmp_path, arch, kind, peft_cls(task_type=task, num_virtual_tokens=P))
     inputs = _inputs(arch)
-    with torch.no_grad():
+    with torch.no_grad(), peft_runs(f"{peft_cls.__name__} on {arch} {kind}"):
         expected = peft_model(**inputs).logits
     if expected.dim() == 3 and expected.shape[1] == 6 + P:  # PROMPT_TUNING returns the virtual tokens' logits too
         expected = expected[:, P:]
@@ -72,8 +73,8 @@ def test_exported_adapter_loads_in_peft_with_equal_logits(tmp_path, arch, kind, 
     with torch.no_grad():
         ours = model(**inputs).logits
     fastprompt.to_peft(model, tmp_path)
-    peft_model = PeftModel.from_pretrained(tiny_model(arch, kind=kind), tmp_path).eval()
-    with torch.no_grad():
+    with torch.no_grad(), peft_runs(f"an adapter of {method} on {arch} {kind}"):
+        peft_model = PeftModel.from_pretrained(tiny_model(arch, kind=kind), tmp_path).eval()
         theirs = peft_model(**inputs).logits
     if theirs.dim() == 3 and theirs.shape[1] == 6 + P:
         theirs = theirs[:, P:]

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .architectures import Stack
+from .compat import find_cache
 
 
 def _hidden(args, kwargs):
@@ -30,8 +31,8 @@ def _with_hidden(args, kwargs, hs):
     return args, {**kwargs, "hidden_states": hs}
 
 
-def _cache_filled(kwargs, layer_idx: int) -> bool:
-    cache = kwargs.get("past_key_values")
+def _cache_filled(args, kwargs, layer_idx: int) -> bool:
+    cache = find_cache(args, kwargs)
     if cache is None:
         return False
     cache = getattr(cache, "self_attention_cache", cache)
@@ -62,7 +63,7 @@ def install_insertion(
     layer_idx = start if layer_idx is None else layer_idx
 
     def insert(module, args, kwargs):
-        if _cache_filled(kwargs, layer_idx):
+        if _cache_filled(args, kwargs, layer_idx):
             return None
         hs = _hidden(args, kwargs)
         real = real_tokens(runtime.mask2d, hs)

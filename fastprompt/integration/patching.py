@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from . import attention
 from .architectures import Stack, UnsupportedModelError, fingerprint, spec_for
+from .compat import output_cache
 from .insertion import install_insertion
 from .prompts import DeepPrefix, FoldCache, LatePromptBank, SoftPrompt, TaskHeads
 from .truncation import install_truncation, remove_truncation
@@ -218,7 +219,7 @@ def _install_prompt_kv(model, runtime, stack: Stack, absolute_positions: bool):
             out = base(inputs_embeds=embeds, position_ids=pos, use_cache=True)
         finally:
             runtime.computing = False
-        cache = out.past_key_values
+        cache = output_cache(out)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def prehook(module, args, kwargs):

@@ -45,11 +45,11 @@ def _checkpointed(original, bypass, snapshot, restore):
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled() or bypass():
             return original(*args, **kwargs)
-        # the recompute must not write the KV cache a second time (as transformers' own checkpointing);
-        # GPT-2 passes its cache positionally
+        # the recompute must not write the KV cache a second time (as transformers' own checkpointing).
+        # The cache is dropped by type, not by name: transformers calls it `past_key_values` up to
+        # 5.23, `cache` from 5.24, `layer_past` in some layers, and GPT-2 passes it positionally
         args = tuple(None if isinstance(a, Cache) else a for a in args)
-        if kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = None
+        kwargs = {k: (None if isinstance(v, Cache) else v) for k, v in kwargs.items()}
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         # the recompute runs in backward, maybe in another thread and after other forwards: it gets

@@ -75,9 +75,12 @@ def _opt(model):
 
 
 def _t5(model):
-    stacks = [_stack("encoder", model.encoder.block, lambda b: b.layer[0].SelfAttention, False, model.encoder)]
-    if getattr(model, "decoder", None) is not None:
-        stacks.append(_stack("decoder", model.decoder.block, lambda b: b.layer[0].SelfAttention, True, model.decoder))
+    # T5ForConditionalGeneration / T5Model / T5EncoderModel hold the stacks; T5ForSequenceClassification
+    # and T5ForQuestionAnswering hold them in .transformer (their base model)
+    owner = model if isinstance(getattr(model, "encoder", None), nn.Module) else model.base_model
+    stacks = [_stack("encoder", owner.encoder.block, lambda b: b.layer[0].SelfAttention, False, owner.encoder)]
+    if getattr(owner, "decoder", None) is not None:
+        stacks.append(_stack("decoder", owner.decoder.block, lambda b: b.layer[0].SelfAttention, True, owner.decoder))
     return stacks
 
 

@@ -68,6 +68,10 @@ def install_insertion(
         hs = _hidden(args, kwargs)
         real = real_tokens(runtime.mask2d, hs)
         positions = torch.arange(hs.shape[1], device=hs.device)
+        if stack.causal and runtime.source_len is not None:
+            # inside generate(): only the input given to generate() makes the prompt, not the tokens
+            # generated since (a generate() without KV cache recomputes them all each step)
+            real = real & (positions < runtime.source_len)
         # decoders read the last real token (it has seen the whole input), encoders the first ([CLS])
         source = (positions * real).argmax(-1) if stack.causal else real.long().argmax(-1)
         tokens = make_tokens(hs, real, source)

@@ -44,6 +44,7 @@ class _ForwardState(threading.local):
     prompt_ids = None  # (B,) task of each example, or None (task 0)
     example_ids = None  # (B,) dataset index of each example, for the lower-layer cache
     skip_lower = False  # every example of this forward is in the lower-layer cache
+    source_len = None  # inside generate() on a decoder: the input's length (late prompts read only it)
 
 
 def _state_property(name):
@@ -60,6 +61,7 @@ class PromptRuntime:
     prompt_ids = _state_property("prompt_ids")
     example_ids = _state_property("example_ids")
     skip_lower = _state_property("skip_lower")
+    source_len = _state_property("source_len")
 
     def __init__(self, model, config, stacks: list[Stack], prompts: nn.Module, mode: str):
         self.config = config
@@ -214,11 +216,18 @@ def _install_prompt_kv(model, runtime, stack: Stack, absolute_positions: bool):
         # rotary models: prompt at positions -P..-1 so real tokens keep 0..T-1
         start = 0 if absolute_positions else -p
         pos = torch.arange(start, start + p, device=emb_w.device)[None].expand(n, -1)
+        # transformers' gradient checkpointing (gradient_checkpointing_enable()) turns use_cache off in
+        # training; this P-token pass exists to fill a cache and is never checkpointed
+        hf_checkpointing = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
         runtime.computing = True
+        for m in hf_checkpointing:
+            m.gradient_checkpointing = False
         try:
             out = base(inputs_embeds=embeds, position_ids=pos, use_cache=True)
         finally:
             runtime.computing = False
+            for m in hf_checkpointing:
+                m.gradient_checkpointing = True
         cache = output_cache(out)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -250,6 +259,13 @@ def _batch_size(args, kwargs) -> int | None:
     return None
 
 
+def _input_length(args, kwargs) -> int | None:
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(x, torch.Tensor):
+        x = kwargs.get("inputs_embeds")
+    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
 def _check_labels(runtime, labels, ids) -> None:
     """With per-task heads, every label must be one of its example's task's labels."""
     if not isinstance(labels, torch.Tensor) or labels.device.type != "cpu" or labels.is_floating_point():
@@ -262,6 +278,25 @@ def _check_labels(runtime, labels, ids) -> None:
         i = int(bad[0, 0])
         name, count = runtime.config.heads[int(tasks[i])]
         raise ValueError(f"labels: example {i} has label {int(labels[tuple(bad[0])])} but its task {name!r} has {count} labels")
+
+
+def _positions_from_mask(runtime, kwargs) -> None:
+    """Rotary decoders called without position_ids on a left-padded batch: positions from the mask.
+
+    transformers then numbers every row 0..T-1, pads included. Unpatched, that is harmless
+    (rotary scores depend on distances only), but prefix keys carry no rotation and prompt tokens
+    sit at -P..-1, so an example's output would depend on how much padding its batch has.
+    Counting positions from each row's first real token (as generate() does) keeps a padded
+    example equal to the same example alone. Calls with a KV cache are left as they are."""
+    stack = runtime.stacks[0]
+    mask = kwargs.get("attention_mask")
+    if stack.rotary is None or not stack.causal or kwargs.get("position_ids") is not None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or kwargs.get("inputs_embeds") is None and kwargs.get("input_ids") is None:
+        return
+    if any(kwargs.get(k) is not None for k in ("past_key_values", "cache")) or bool(mask[:, 0].all()):
+        return  # a cache continues its own positions; no left padding: arange already counts from 0
+    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _wrap_entry_points(model, runtime) -> None:
@@ -280,16 +315,22 @@ def _wrap_entry_points(model, runtime) -> None:
                 ids = runtime.check_prompt_ids(prompt_ids, _batch_size(args, kwargs))
             if runtime.config.heads and is_forward:
                 _check_labels(runtime, kwargs.get("labels"), ids)
+            if is_forward:
+                _positions_from_mask(runtime, kwargs)
             if not is_forward and ids is not None:
                 kwargs["prompt_ids"] = ids  # generate() expands it with the batch (beams, samples)
             if example_ids is not None:
                 example_ids = runtime.check_example_ids(example_ids, _batch_size(args, kwargs))
-            previous = runtime.prompt_ids, runtime.example_ids
+            previous = runtime.prompt_ids, runtime.example_ids, runtime.source_len
             runtime.prompt_ids, runtime.example_ids = ids, example_ids
+            if not is_forward and runtime.source_len is None:
+                # a late prompt is generated from the input given to generate(), so every new token sees
+                # the same prompt whether generate() runs with a KV cache or recomputes the whole sequence
+                runtime.source_len = _input_length(args, kwargs)
             try:
                 return original(*args, **kwargs)
             finally:
-                runtime.prompt_ids, runtime.example_ids = previous
+                runtime.prompt_ids, runtime.example_ids, runtime.source_len = previous
                 runtime.skip_lower = False
 
         wrapper.__signature__ = sig.replace(parameters=params)
@@ -356,9 +397,15 @@ def _probe(model, runtime) -> None:
     """One tiny no-grad forward: every bound module must have been called through our function."""
     params = inspect.signature(model.forward).parameters
     device = next(model.parameters()).device
-    inputs = {"input_ids": torch.tensor([[1, 2, 3]], device=device)}
-    if "decoder_input_ids" in params:
-        inputs["decoder_input_ids"] = torch.tensor([[0]], device=device)
+    # a row as tokenizers make them: T5ForSequenceClassification pools at the end-of-sequence token
+    # and refuses rows without one
+    vocab = model.get_input_embeddings().weight.shape[0]
+    eos = getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    last = eos if isinstance(eos, int) and 0 <= eos < vocab else 3
+    inputs = {"input_ids": torch.tensor([[4, 5, last]], device=device) % vocab}
+    if "decoder_input_ids" in params:  # as long as the input: T5ForSequenceClassification reads its eos there
+        inputs["decoder_input_ids"] = torch.zeros_like(inputs["input_ids"])
     if runtime.config.num_tasks > 1:
         inputs["prompt_ids"] = torch.zeros(1, dtype=torch.long, device=device)
     was = model.training
@@ -477,9 +524,9 @@ def install(model: nn.Module, config) -> PromptRuntime:
         # layers below the first prompt of the first stack have frozen inputs only: no graph there.
         # Later stacks (T5's decoder) read the first stack's output, so all their layers keep theirs.
         L = config.start_layer
-        checkpointed = first.layers[L:] + [l for s in stacks[1:] for l in s.layers] if config.checkpointing else []
+        with_grad = first.layers[L:] + [l for s in stacks[1:] for l in s.layers]
         install_truncation(
-            first.layers[:L], checkpointed, runtime.wrapped_forwards,
+            first.layers[:L], with_grad, runtime.wrapped_forwards, config.checkpointing,
             bypass=lambda: runtime.computing, snapshot=runtime.snapshot, restore=runtime.restore,
             skip=lambda: runtime.skip_lower,
         )

@@ -41,9 +41,30 @@ def _no_grad(original, skip):
     return forward
 
 
-def _checkpointed(original, bypass, snapshot, restore):
+def _without_hf_checkpointing(layer: nn.Module):
+    """The layer's forward with transformers' own checkpointing wrapper peeled off.
+
+    transformers (5.x) wraps every `GradientCheckpointingLayer` subclass's forward in
+    `forward_with_checkpointing` (FSDP2's subclasses once more); `__code__` is not copied by
+    functools.wraps, so it tells the wrapper from the forward it wraps."""
+    fn = type(layer).forward
+    while getattr(getattr(fn, "__code__", None), "co_name", None) == "forward_with_checkpointing" and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn.__get__(layer, type(layer))
+
+
+def _checkpointed(layer, original, always, bypass, snapshot, restore):
+    raw = _without_hf_checkpointing(layer)
+
     def forward(*args, **kwargs):
-        if not torch.is_grad_enabled() or bypass():
+        # checkpointing=True, or transformers' own switched on (gradient_checkpointing_enable(),
+        # Trainer(gradient_checkpointing=True)), before or after patch: ours takes over, since
+        # transformers' recompute would not see this forward's prompt state (prompt_ids, decoder
+        # prompt K/V) again; both on at once checkpoints once
+        if bypass():  # the prompt's own P-token pass fills a KV cache: never checkpointed (it is short)
+            return raw(*args, **kwargs)
+        wanted = always or (getattr(layer, "gradient_checkpointing", False) and layer.training)
+        if not wanted or not torch.is_grad_enabled():
             return original(*args, **kwargs)
         # the recompute must not write the KV cache a second time (as transformers' own checkpointing).
         # The cache is dropped by type, not by name: transformers calls it `past_key_values` up to
@@ -59,7 +80,7 @@ def _checkpointed(original, bypass, snapshot, restore):
         def run(*a, **k):
             old = restore(state)
             try:
-                return original(*a, **k)
+                return raw(*a, **k)
             finally:
                 restore(old)
 
@@ -68,15 +89,17 @@ def _checkpointed(original, bypass, snapshot, restore):
     return forward
 
 
-def install_truncation(layers_without_grad, layers_checkpointed, saved: list, bypass=lambda: False, snapshot=lambda: None,
-                       restore=lambda s: None, skip=lambda: False) -> None:
-    """bypass(): True while a call must run unwrapped (the prompt's own pass that fills a KV cache);
+def install_truncation(layers_without_grad, layers_with_grad, saved: list, checkpointing: bool, bypass=lambda: False,
+                       snapshot=lambda: None, restore=lambda s: None, skip=lambda: False) -> None:
+    """layers_without_grad run under no_grad; layers_with_grad are checkpointed when `checkpointing`
+    or when transformers' gradient checkpointing is on for them.
+    bypass(): True while a call must run unwrapped (the prompt's own pass that fills a KV cache);
     snapshot() / restore(state) -> previous: the per-forward state a recompute must see again;
     skip(): True while layers without grad must pass their input through (lower-layer cache hit)."""
     for layer in layers_without_grad:
         _set_forward(layer, lambda original: _no_grad(original, skip), saved)
-    for layer in layers_checkpointed:
-        _set_forward(layer, lambda original: _checkpointed(original, bypass, snapshot, restore), saved)
+    for layer in layers_with_grad:
+        _set_forward(layer, lambda original, layer=layer: _checkpointed(layer, original, checkpointing, bypass, snapshot, restore), saved)
 
 
 def remove_truncation(saved: list) -> None:

@@ -208,7 +208,9 @@ def train(args, parser) -> int:
 
     model_path = args.model or default_model_path()
     hf_logging.set_verbosity_error()  # the freshly initialised classifier is expected; its warning is noise here
-    kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    # a folder whose head has another label count gets a fresh head of the right size (it is trained here)
+    kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                  ignore_mismatched_sizes=True)
     if args.int8 or args.int4:
         from transformers import BitsAndBytesConfig
 

@@ -82,3 +82,62 @@ def test_quantised_head_is_refused_clearly(saved):
     with pytest.raises(ValueError, match="task head has non-float parameters.*llm_int8_skip_modules"):
         fastprompt.patch(model, method="ptv2", num_tokens=4)
     assert "fastprompt" not in dict(model.named_children())
+
+
+def _live_storages() -> dict[int, int]:
+    import gc
+
+    found = {}
+    for t in gc.get_objects():
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().data_ptr():
+            found[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return found
+
+
+def _saved_bytes_and_grads(model, batch):
+    """One training step: bytes of the tensors that come to life in forward and stay for backward
+    (what autograd saves, and what Python objects such as autograd ctx attributes hold: bitsandbytes'
+    CPU training path keeps inputs there, where saved-tensor hooks never see them), and the prompt grads."""
+    model.train()
+    existing = set(_live_storages())
+    existing |= {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for m in model.modules():  # bitsandbytes moves the int8 weight into its state on the first forward
+        for name in ("CB", "SCB"):
+            w = getattr(getattr(m, "state", None), name, None)
+            if isinstance(w, torch.Tensor):
+                existing.add(w.untyped_storage().data_ptr())
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    kept.update(_live_storages())
+    nbytes = sum(n for ptr, n in kept.items() if ptr not in existing)
+    loss.backward()
+    return nbytes, [p.grad.clone() for p in fastprompt.prompt_parameters(model)]
+
+
+def test_int8_training_saves_no_more_than_float_and_matches_its_dequantised_twin(saved):
+    """The int8 backbone's prompt gradients equal a float32 model holding the dequantised weights
+    (the reference: plain nn.Linear), and a training step keeps no more activations than float32 does."""
+    q = AutoModelForCausalLM.from_pretrained(saved / "llama", quantization_config=QUANT["int8"]())
+    ref = AutoModelForCausalLM.from_pretrained(saved / "llama")
+    with torch.no_grad():
+        for (name, m), (_, r) in zip(q.named_modules(), ref.named_modules()):
+            if isinstance(m, bnb.nn.Linear8bitLt):
+                cb, scb = m.weight.data, m.weight.SCB
+                r.weight.copy_(cb.float() * scb.float()[:, None] / 127)
+    ids = torch.randint(3, 99, (4, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    results = {}
+    for name, model in (("int8", q), ("float", ref)):
+        torch.manual_seed(0)
+        fastprompt.patch(model, num_tokens=4, start_layer=1)
+        results[name] = _saved_bytes_and_grads(model, batch)
+    (q_bytes, q_grads), (f_bytes, f_grads) = results["int8"], results["float"]
+    for g, r in zip(q_grads, f_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    assert q_bytes <= f_bytes, f"int8 step saved {q_bytes} bytes for backward, float32 {f_bytes}"

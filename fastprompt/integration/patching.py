@@ -11,7 +11,7 @@ Everything enters through the registered attention function (never `past_key_val
   inserted into the hidden states ahead of a layer (see insertion.py).
 Layers below the first prompted layer run without autograd; with checkpointing, the layers
 that do build a graph are recomputed in backward (see truncation.py). Quantised (bitsandbytes)
-backbones need one fix-up: 4-bit layers must not repack their weights for CPU inference.
+backbones need fix-ups on CPU (see quantized.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .architectures import Stack, UnsupportedModelError, fingerprint, spec_for
 from .compat import output_cache
 from .insertion import install_insertion
 from .prompts import DeepPrefix, FoldCache, LatePromptBank, SoftPrompt, TaskHeads
+from .quantized import install_quantized_fixes, remove_quantized_fixes
 from .truncation import install_truncation, remove_truncation
 
 PROMPT_MODULE = "fastprompt"
@@ -72,6 +73,7 @@ class PromptRuntime:
         self.handles: list = []
         self.wrapped_forwards: list = []
         self.bnb_cpu_packing: list = []
+        self.bnb_forwards: list = []
         self.bound: list[nn.Module] = []
         self.requires_grad: dict[str, bool] = {}
         self.attn_implementation = model.config._attn_implementation
@@ -532,7 +534,7 @@ def install(model: nn.Module, config) -> PromptRuntime:
         )
         if config.peft_positions:
             runtime.handles += position_shift_hooks(model, stacks, config.num_tokens)
-        _keep_4bit_trainable(model, runtime)
+        install_quantized_fixes(model, runtime)
 
         runtime.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
@@ -561,21 +563,6 @@ def install(model: nn.Module, config) -> PromptRuntime:
     return runtime
 
 
-def _keep_4bit_trainable(model, runtime) -> None:
-    """bitsandbytes' 4-bit layers repack their weights for CPU inference on the first eval
-    forward without grad, after which no gradient flows through them: switch that off (and
-    undo a repack that already happened), keeping the flags to restore on unpatch."""
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            runtime.bnb_cpu_packing.append((m, m.support_avx512bf16_for_cpu))
-            m.support_avx512bf16_for_cpu = False
-            state = getattr(m.weight, "quant_state", None)
-            if state is not None and getattr(state, "packing_format_for_cpu", False):
-                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-                m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, state)
-
-
 def uninstall(model: nn.Module, runtime: PromptRuntime) -> None:
     """Removes everything `install` added and restores attention and requires_grad flags."""
     if runtime.lower_cache is not None:
@@ -593,9 +580,7 @@ def uninstall(model: nn.Module, runtime: PromptRuntime) -> None:
         h.remove()
     runtime.handles.clear()
     remove_truncation(runtime.wrapped_forwards)
-    for m, flag in runtime.bnb_cpu_packing:
-        m.support_avx512bf16_for_cpu = flag
-    runtime.bnb_cpu_packing.clear()
+    remove_quantized_fixes(runtime)
     for m in runtime.bound:
         m.__dict__.pop("_fastprompt", None)
     runtime.bound.clear()

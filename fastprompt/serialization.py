@@ -54,6 +54,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor shard (FSDP2's fully_shard) gathered into the whole tensor (a collective); others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "device_mesh") else t
+
+
+def _sharded(runtime) -> bool:
+    return any(hasattr(p, "device_mesh") for p in runtime.prompts.parameters())
+
+
 def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None = None, reparam_weights: bool = False) -> Path:
     """Writes the prompts (and trained heads) of a patched model to directory `path`; returns it.
 
@@ -61,6 +70,8 @@ def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None 
     task's label count) that loads on its own or into another bank's slot.
     reparam_weights: with reparam=True the file always holds the folded prefix (all inference
     needs); this adds the reparameterisation's embedding and MLP, for further training.
+    A model sharded with FSDP2 (`fully_shard`): call it on every rank (the prompts are gathered,
+    a collective); rank 0 writes.
     """
     runtime = _runtime(model)
     model = unwrap(model)
@@ -82,7 +93,9 @@ def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None 
         if not reparam_weights:
             tensors = {k: v for k, v in tensors.items() if not k.startswith("prompt.")}
         tensors["prompt.prefix"] = folded
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = {k: _full(v).detach().cpu().contiguous() for k, v in tensors.items()}
+    if _sharded(runtime) and torch.distributed.get_rank() != 0:
+        return Path(path)  # FSDP2: every rank gathered the full tensors above, rank 0 writes them
     blob = safetensors.torch.save(tensors)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""torch.distributed DDP (gloo, 2 processes) trains a patched model like one process on the whole batch."""
+"""torch.distributed DDP and FSDP2 (gloo, 2 processes) train a patched model like one process on the whole batch."""
 
 from __future__ import annotations
 
@@ -79,3 +79,48 @@ def test_ddp_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
         assert torch.equal(ranks[0][f"p{i}"], ranks[1][f"p{i}"])  # replicas stay identical
         torch.testing.assert_close(ranks[0][f"p{i}"], p.detach(), atol=1e-5, rtol=1e-4)
         assert not torch.equal(p.detach(), before[i])
+
+
+def _fsdp_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import fastprompt
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = _model()
+        for layer in model.model.layers:  # the frozen backbone sharded layer by layer, then the rest
+            fully_shard(layer)
+        fully_shard(model)
+        assert all(hasattr(p, "device_mesh") for p in fastprompt.prompt_parameters(model))  # the prompts are sharded too
+        _train(model, rank)
+        fastprompt.save_prompts(model, os.path.join(out_dir, "prompts"))  # every rank calls it; rank 0 writes
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_backbone_trains_like_one_process_and_saves_prompts(tmp_path):
+    """FSDP2 (`fully_shard` on each decoder layer and the model, gloo on CPU): the prompts trained on
+    two ranks' shards equal one process on the combined batch, and the prompts saved from the
+    sharded model load into a plain one with the same outputs."""
+    import fastprompt
+
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    single = _model()
+    before = [p.detach().clone() for p in fastprompt.prompt_parameters(single)]
+    _train(single)
+    sys.path.insert(0, str(HERE))
+    from conftest import tiny_model
+
+    loaded = fastprompt.load_prompts(tiny_model("llama", kind="seqcls"), tmp_path / "prompts")
+    for mine, theirs, start in zip(fastprompt.prompt_parameters(single), fastprompt.prompt_parameters(loaded), before):
+        torch.testing.assert_close(theirs.detach(), mine.detach(), atol=1e-5, rtol=1e-4)
+        assert not torch.equal(mine.detach(), start)
+    batch = _batch(0)
+    single.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, single(**batch).logits, atol=1e-5, rtol=1e-4)

@@ -107,6 +107,9 @@ def child(args) -> dict:
             "load_peak_mib": round(load_peak), "load_steady_mib": round(load_steady), "load_s": round(load_s, 1),
             "train_peak_mib": round(_mib("VmHWM") - base), "train_steady_mib": round(_mib("VmRSS") - base),
             "step_s": round(step_s, 2), "losses": losses,
+            # RSS counts the checkpoint's memory-mapped pages that loading touched (clean page cache, not
+            # allocations): RssAnon is what the process itself holds
+            "rss_anon_mib": round(_mib("RssAnon")), "rss_file_mib": round(_mib("RssFile")),
             "params": sum(p.numel() for p in model.parameters())}
 
 

@@ -47,11 +47,6 @@ def test_prediction_within_15_percent_of_measured_peak(config, cls, batch, seq, 
     predicted, parts = predict(shape_of(c), "float", patch["method"], patch["start_layer"], patch.get("checkpointing", False),
                                batch, seq, patch["num_tokens"], float_bytes=4, act_bytes=4, overhead=CPU_WORKSPACE)
     print(f"{cls} {patch}: predicted {predicted / 2**20:.0f} MiB {parts}, measured {measured / 2**20:.0f} MiB")
-    if patch.get("checkpointing") and abs(predicted - measured) > 0.15 * measured:
-        # open (issue 12 closing note): in a freshly created venv this case measures ~387 MiB against
-        # 308 predicted on transformers 5.24, while an older venv with the same packages measures
-        # within 15%; not yet explained, so reported rather than hidden
-        pytest.xfail(f"checkpointed Llama peak {measured / 2**20:.0f} MiB vs predicted {predicted / 2**20:.0f} MiB ({parts})")
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured, parts)
 
 

@@ -89,11 +89,11 @@ def _live_storages() -> dict[int, int]:
 
     found = {}
     for t in gc.get_objects():
-        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-            continue
         try:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
             ptr = t.untyped_storage().data_ptr()
-        except RuntimeError:  # fake or functional tensors other tests left behind hold no memory
+        except (RuntimeError, ReferenceError):  # fake tensors other tests left behind, dead weak proxies
             continue
         if ptr:
             found[ptr] = t.untyped_storage().nbytes()

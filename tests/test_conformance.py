@@ -253,9 +253,9 @@ def _alone(model, c, batch, lengths, i, prompt_ids):
 
 def _hf_padding_invariant(c, batch, lengths):
     plain = tiny(c["arch"], c["head"])
+    with torch.no_grad():
+        got = [o.float() for o in _outputs(plain(**batch), c["head"])]
     for i in range(B):
-        with torch.no_grad():
-            got = [o.float() for o in _outputs(plain(**batch), c["head"])]
         for g, w in zip(got, _alone(plain, c, batch, lengths, i, None)):
             if not torch.allclose(_real_rows(g, c["head"], i, lengths, c["padding"]), w, atol=3e-5, rtol=1e-4):
                 return False
@@ -347,10 +347,9 @@ def _check_bf16(c, batch, ids, outs, loss, grads):
     """bf16 against the fp32 run of the same weights; scale: the unpatched model's own bf16 error."""
     ref_outs, ref_loss, ref_grads = train_call(build(c, dtype=torch.float32), batch, ids)
     plain32, plain16 = tiny(c["arch"], c["head"]), tiny(c["arch"], c["head"]).to(torch.bfloat16)
-    fwd = {k: v for k, v in batch.items()}
     with torch.no_grad():
-        e32 = _outputs(plain32(**fwd), c["head"])
-        e16 = _outputs(plain16(**fwd), c["head"])
+        e32 = _outputs(plain32(**batch), c["head"])
+        e16 = _outputs(plain16(**batch), c["head"])
     own = max(float((a.float() - b.float()).abs().max()) for a, b in zip(e16, e32))
     for got, want in zip(outs, ref_outs):
         err = float((got - want).abs().max())
@@ -417,7 +416,9 @@ def test_transformers_gradient_checkpointing_with_a_bank(arch, method, when):
     batch, _ = make_batch(arch, head, "right")
     batch = _inputs_for(c, batch)
     ids = torch.tensor([1, 0, 1])
-    _, r_loss, r_grads = train_call(build(c), batch, ids)
+    r_saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: r_saved.append(t.numel()) or t, lambda t: t):
+        _, r_loss, r_grads = train_call(build(c), batch, ids)
 
     model = tiny(arch, head)
     if when == "before patch":
@@ -433,6 +434,7 @@ def test_transformers_gradient_checkpointing_with_a_bank(arch, method, when):
     assert grads.keys() == r_grads.keys()
     for n in grads:
         _close(grads[n], r_grads[n], atol=1e-5, what=f"grad {n}")
+    assert sum(saved) < sum(r_saved), f"checkpointing saved {sum(saved)} elements for backward, plain {sum(r_saved)}"
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])

@@ -43,25 +43,33 @@ def _train(model, rank=None):
         opt.zero_grad()
 
 
-def _worker(rank, init_file, out_dir):
+def _in_group(rank, init_file, body):
+    """Runs body() as one of 2 gloo ranks, one thread each."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
-        model = _model()
-        ddp = DDP(model)
-        _train(ddp, rank)
-        import fastprompt
-
-        state = {f"p{i}": p.detach().clone() for i, p in enumerate(fastprompt.prompt_parameters(model))}
-        import safetensors.torch
-
-        safetensors.torch.save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        body()
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank, init_file, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def body():
+        import safetensors.torch
+
+        import fastprompt
+
+        model = _model()
+        _train(DDP(model), rank)
+        state = {f"p{i}": p.detach().clone() for i, p in enumerate(fastprompt.prompt_parameters(model))}
+        safetensors.torch.save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+
+    _in_group(rank, init_file, body)
 
 
 def test_ddp_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
@@ -82,15 +90,11 @@ def test_ddp_two_ranks_equal_one_process_on_the_combined_batch(tmp_path):
 
 
 def _fsdp_worker(rank, init_file, out_dir):
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    import fastprompt
+    def body():
+        import fastprompt
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
         model = _model()
         for layer in model.model.layers:  # the frozen backbone sharded layer by layer, then the rest
             fully_shard(layer)
@@ -98,8 +102,8 @@ def _fsdp_worker(rank, init_file, out_dir):
         assert all(hasattr(p, "device_mesh") for p in fastprompt.prompt_parameters(model))  # the prompts are sharded too
         _train(model, rank)
         fastprompt.save_prompts(model, os.path.join(out_dir, "prompts"))  # every rank calls it; rank 0 writes
-    finally:
-        dist.destroy_process_group()
+
+    _in_group(rank, init_file, body)
 
 
 def test_fsdp2_sharded_backbone_trains_like_one_process_and_saves_prompts(tmp_path):

@@ -21,6 +21,5 @@ def find_cache(args: tuple, kwargs: dict) -> Cache | None:
 def output_cache(output) -> Cache | None:
     """The cache a model output carries (`cache` from 5.24, `past_key_values` before)."""
     cache = getattr(output, "cache", None)
-    if cache is None and "past_key_values" in getattr(output, "keys", lambda: ())():
-        cache = output["past_key_values"]
-    return cache
+    # ModelOutput is a dict: reading the key avoids 5.24's deprecation property of the same name
+    return output.get("past_key_values") if cache is None else cache

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from . import attention
 from .architectures import Stack, UnsupportedModelError, fingerprint, spec_for
-from .compat import output_cache
+from .compat import find_cache, output_cache
 from .insertion import install_insertion
 from .prompts import DeepPrefix, FoldCache, LatePromptBank, SoftPrompt, TaskHeads
 from .quantized import install_quantized_fixes, remove_quantized_fixes
@@ -218,18 +218,17 @@ def _install_prompt_kv(model, runtime, stack: Stack, absolute_positions: bool):
         # rotary models: prompt at positions -P..-1 so real tokens keep 0..T-1
         start = 0 if absolute_positions else -p
         pos = torch.arange(start, start + p, device=emb_w.device)[None].expand(n, -1)
-        # transformers' gradient checkpointing (gradient_checkpointing_enable()) turns use_cache off in
-        # training; this P-token pass exists to fill a cache and is never checkpointed
-        hf_checkpointing = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        # transformers' gradient checkpointing (gradient_checkpointing_enable()) makes the stack turn
+        # use_cache off in training; this P-token pass exists to fill a cache, and its layers run
+        # unwrapped (truncation.py's bypass), so only the stack's own flag is in the way
+        hf_checkpointing = getattr(base, "gradient_checkpointing", False)
         runtime.computing = True
-        for m in hf_checkpointing:
-            m.gradient_checkpointing = False
+        base.gradient_checkpointing = False
         try:
             out = base(inputs_embeds=embeds, position_ids=pos, use_cache=True)
         finally:
             runtime.computing = False
-            for m in hf_checkpointing:
-                m.gradient_checkpointing = True
+            base.gradient_checkpointing = hf_checkpointing
         cache = output_cache(out)
         return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -251,21 +250,22 @@ def _install_prompt_kv(model, runtime, stack: Stack, absolute_positions: bool):
     runtime.handles.append(stack.layers[0].register_forward_pre_hook(prehook, with_kwargs=True))
 
 
-def _batch_size(args, kwargs) -> int | None:
-    for key in ("input_ids", "inputs_embeds"):
-        x = kwargs.get(key)
+def _inputs(args, kwargs) -> torch.Tensor | None:
+    """The (B, T) input_ids or (B, T, H) inputs_embeds a forward or generate() was called with."""
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
         if isinstance(x, torch.Tensor):
-            return x.shape[0]
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0].shape[0]
+            return x
     return None
 
 
+def _batch_size(args, kwargs) -> int | None:
+    x = _inputs(args, kwargs)
+    return None if x is None else x.shape[0]
+
+
 def _input_length(args, kwargs) -> int | None:
-    x = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(x, torch.Tensor):
-        x = kwargs.get("inputs_embeds")
-    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+    x = _inputs(args, kwargs)
+    return x.shape[1] if x is not None and x.dim() >= 2 else None
 
 
 def _check_labels(runtime, labels, ids) -> None:
@@ -289,16 +289,15 @@ def _positions_from_mask(runtime, kwargs) -> None:
     (rotary scores depend on distances only), but prefix keys carry no rotation and prompt tokens
     sit at -P..-1, so an example's output would depend on how much padding its batch has.
     Counting positions from each row's first real token (as generate() does) keeps a padded
-    example equal to the same example alone. Calls with a KV cache are left as they are."""
+    example equal to the same example alone; on unpadded and right-padded rows it gives the real
+    tokens the same 0..n-1 (no check for left padding: that would sync a GPU every forward).
+    Calls with a KV cache continue its positions and are left as they are."""
     stack = runtime.stacks[0]
     mask = kwargs.get("attention_mask")
     if stack.rotary is None or not stack.causal or kwargs.get("position_ids") is not None:
         return
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or kwargs.get("inputs_embeds") is None and kwargs.get("input_ids") is None:
-        return
-    if any(kwargs.get(k) is not None for k in ("past_key_values", "cache")) or bool(mask[:, 0].all()):
-        return  # a cache continues its own positions; no left padding: arange already counts from 0
-    kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and find_cache((), kwargs) is None:
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _wrap_entry_points(model, runtime) -> None:

@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data"
 sys.path.insert(0, str(HERE))
 import e2e_vs_peft  # noqa: E402  (peak-memory helper)
+import measure  # noqa: E402
 
 CONFIGS = [
     ("peft prefix", dict(peft=True)),
@@ -63,6 +65,7 @@ def build(task, labels, spec, num_tokens, seed=0):
         from peft import PrefixTuningConfig, get_peft_model
 
         model = get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS" if task == "sst2" else "TOKEN_CLS", num_virtual_tokens=num_tokens))
+        measure.check_peft_runs(model, {"input_ids": torch.tensor([[101, 2023, 102]])})  # MiniLM's [CLS] this [SEP]
         return model, [p for p in model.parameters() if p.requires_grad]
     fastprompt.patch(model, num_tokens=num_tokens, **spec)
     return model, fastprompt.prompt_parameters(model)
@@ -120,7 +123,10 @@ def run(args, task, name, spec, data):
 def _child(args, task, name, spec, queue):
     torch.set_num_threads(args.threads)
     e2e_vs_peft._quiet()
-    queue.put(run(args, task, name, spec, load_task(task)))
+    try:
+        queue.put(run(args, task, name, spec, load_task(task)))
+    except measure.PeftRefused as e:
+        queue.put({"skipped": str(e)})
 
 
 def main(argv=None) -> int:
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tasks = ["sst2", "conll"] if args.task == "both" else [args.task]
-    results = {}
+    results, skipped = {}, {}
     ctx = mp.get_context("spawn")
     for task in tasks:
         metric = "dev accuracy" if task == "sst2" else "valid entity F1"
@@ -151,14 +157,20 @@ def main(argv=None) -> int:
             p.start()
             r = q.get()
             p.join()
+            if "skipped" in r:
+                skipped[f"{task}/{name}"] = r["skipped"]
+                print(f"{name:<14} skipped: {r['skipped']}", flush=True)
+                continue
             results[f"{task}/{name}"] = r
-            base = results.get(f"{task}/peft prefix", r)
-            r["speed_vs_peft"] = base["train_s"] / r["train_s"]
-            print(f"{name:<14}{r['metric']:>9.4f}{r['train_s']:>10.1f}{r['examples_per_s']:>8.1f}{r['speed_vs_peft']:>14.2f}{r['peak_mib']:>10.0f}", flush=True)
+            base = results.get(f"{task}/peft prefix")
+            r["speed_vs_peft"] = base["train_s"] / r["train_s"] if base else None
+            speed = f"{r['speed_vs_peft']:>14.2f}" if base else f"{'-':>14}"
+            print(f"{name:<14}{r['metric']:>9.4f}{r['train_s']:>10.1f}{r['examples_per_s']:>8.1f}{speed}{r['peak_mib']:>10.0f}", flush=True)
     out = Path(args.out or HERE / "results" / "accuracy_parity.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python bench/accuracy_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]), "seed": args.seed,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "skipped": skipped}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -64,15 +64,16 @@ def _draw_accuracy(plt, meta, results, out: Path) -> Path:
     for row, task in zip(axes, tasks):
         present = [n for n in names if f"{task}/{n}" in results]
         for ax, (key, title, fmt) in zip(row, panels):
-            values = [results[f"{task}/{n}"][key] for n in present]
+            raw = [results[f"{task}/{n}"].get(key) for n in present]  # None: no PEFT row to compare with
+            values = [0 if v is None else v for v in raw]
             colors = ["#9a9a9a" if n.startswith("peft") else "#2b6cb0" for n in present]
             bars = ax.barh(present, values, color=colors)
             base = results.get(f"{task}/peft prefix", {}).get(key)
             if base is not None:
                 ax.axvline(base, color="#444444", linewidth=1, linestyle="--")
-            ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize=8)
+            ax.bar_label(bars, labels=["-" if v is None else fmt.format(v) for v in raw], padding=3, fontsize=8)
             lo = min(values) * 0.9 if key == "metric" else 0
-            ax.set_xlim(lo, max(values) * (1.02 if key == "metric" else 1.25))
+            ax.set_xlim(lo, max(max(values) * (1.02 if key == "metric" else 1.25), 1e-9))
             ax.set_title(f"{task}: " + title.format(metric=metric_name.get(task, "metric")), fontsize=10)
             ax.invert_yaxis()
     fig.suptitle(f"MiniLM, one fixed budget per task, PEFT prefix tuning dashed (bench/accuracy_parity.py, {meta['date'][:10]})", fontsize=10)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402
@@ -188,12 +189,20 @@ def main(argv=None) -> int:
         keep = {s.strip() for s in args.only.split(",")}
         configs = [c for c in configs if c[0] in keep or c[0] == "peft prefix"]
     inputs = batch(args, args.device)
-    prepared = {}
+    prepared, skipped = {}, {}
     for name, spec in configs:
         model, opt = prepare(args, spec)
         model.to(args.device)
+        if spec.get("peft"):
+            try:
+                measure.check_peft_runs(model, inputs)
+            except measure.PeftRefused as e:
+                skipped[name] = str(e)
+                print(f"{name}: skipped: {e}", flush=True)
+                continue
         prepared[name] = (model, opt)
         step(model, opt, inputs)  # warm-up
+    configs = [c for c in configs if c[0] not in skipped]
     results = {name: {"spec": spec} for name, spec in configs}
     for name, (model, _) in prepared.items():
         results[name]["saved_bytes"] = saved_bytes(model, inputs)
@@ -215,13 +224,19 @@ def main(argv=None) -> int:
         for name, spec in configs:
             results[name]["peak_mib"] = peak_memory(args, spec)
 
-    def base_of(name):
-        return "int8 peft prefix" if name.startswith("int8") and "int8 peft prefix" in results else "peft prefix"
+    first = configs[0][0]
 
+    def base_of(name):
+        if name.startswith("int8") and "int8 peft prefix" in results:
+            return "int8 peft prefix"
+        return "peft prefix" if "peft prefix" in results else first  # PEFT refused: ratios against the first row
+
+    against = "PEFT prefix tuning (int8 rows: against int8 PEFT)" if "peft prefix" in results else f"{first} (PEFT skipped, see above)"
     print(f"\n{args.model}: batch {args.batch}, sequence {args.seq}, P={args.num_tokens}, {args.device}, {args.threads} threads, "
-          f"median of {args.steps} steps; ratios against PEFT prefix tuning (int8 rows: against int8 PEFT)")
-    header = f"{'configuration':<24}{'step s':>9}{'x PEFT':>9}{'saved MiB':>11}{'x PEFT':>9}"
-    header += "" if args.no_peak else f"{'peak MiB':>10}{'x PEFT':>9}"
+          f"median of {args.steps} steps; ratios against {against}")
+    x = "x PEFT" if "peft prefix" in results else "x base"
+    header = f"{'configuration':<24}{'step s':>9}{x:>9}{'saved MiB':>11}{x:>9}"
+    header += "" if args.no_peak else f"{'peak MiB':>10}{x:>9}"
     print(header)
     for name, r in results.items():
         base = results[base_of(name)]
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
         "model": args.model, "batch": args.batch, "seq": args.seq, "num_tokens": args.num_tokens,
         "device": args.device, "threads": args.threads, "steps": args.steps,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "transformers": transformers.__version__, "skipped": skipped,
     }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -32,3 +32,24 @@ def proc_status_bytes(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+class PeftRefused(RuntimeError):
+    """PEFT itself cannot run this configuration with the installed transformers (the reason is the message)."""
+
+
+def check_peft_runs(peft_model, inputs: dict) -> None:
+    """One no-grad forward of a PEFT model; raises PeftRefused where PEFT refuses the installed
+    transformers (peft 0.21.2's prefix tuning on 5.24 looks for a `past_key_values` argument that
+    5.24 renamed: every SEQ_CLS and TOKEN_CLS model)."""
+    import peft
+    import transformers
+
+    try:
+        with torch.no_grad():
+            peft_model(**inputs)
+    except ValueError as e:
+        if "does not support past key values" not in str(e):
+            raise
+        raise PeftRefused(f"peft {peft.__version__} cannot run {type(peft_model.get_base_model()).__name__} with "
+                          f"transformers {transformers.__version__} ({e}); its rows run with transformers 5.23") from None

@@ -405,12 +405,14 @@ def test_save_then_load_into_a_fresh_model_gives_equal_outputs(tmp_path, arch, m
 HF_CKPT_ARCHS = ["llama", "bert", "gpt2", "t5", "opt", "qwen2"]
 
 
-@pytest.mark.parametrize("when", ["before patch", "after patch"])
+@pytest.mark.parametrize("when", ["before patch", "after patch", "with checkpointing=True"])
 @pytest.mark.parametrize("method", ["ptv2", "prompt", "lpt"])
 @pytest.mark.parametrize("arch", HF_CKPT_ARCHS)
 def test_transformers_gradient_checkpointing_with_a_bank(arch, method, when):
     """gradient_checkpointing_enable() (what Trainer(gradient_checkpointing=True) calls): fastprompt's
-    checkpointing takes over (its recompute restores the forward's prompt_ids); grads equal plain."""
+    checkpointing takes over (its recompute restores the forward's prompt_ids); grads equal plain.
+    With fastprompt's checkpointing=True as well, each layer is checkpointed once: the same grads, and
+    every attention module runs as often as with checkpointing=True alone (forward and one recompute)."""
     head = _heads(arch)[0]
     c = {"arch": arch, "head": head, "method": method, "start": "0" if method == "prompt" else "half", "ckpt": False, "bank": True}
     batch, _ = make_batch(arch, head, "right")
@@ -421,9 +423,9 @@ def test_transformers_gradient_checkpointing_with_a_bank(arch, method, when):
         _, r_loss, r_grads = train_call(build(c), batch, ids)
 
     model = tiny(arch, head)
-    if when == "before patch":
+    if when != "after patch":
         model.gradient_checkpointing_enable()
-    fastprompt.patch(model, **_patch_kwargs(c, _n_layers(model)))
+    fastprompt.patch(model, **_patch_kwargs({**c, "ckpt": when == "with checkpointing=True"}, _n_layers(model)))
     _perturb(model)
     if when == "after patch":
         model.gradient_checkpointing_enable()
@@ -435,6 +437,22 @@ def test_transformers_gradient_checkpointing_with_a_bank(arch, method, when):
     for n in grads:
         _close(grads[n], r_grads[n], atol=1e-5, what=f"grad {n}")
     assert sum(saved) < sum(r_saved), f"checkpointing saved {sum(saved)} elements for backward, plain {sum(r_saved)}"
+    if when == "with checkpointing=True":
+        assert _attention_calls(model, c, batch, ids) == _attention_calls(build({**c, "ckpt": True}), c, batch, ids), \
+            "both switches on must checkpoint once, as checkpointing=True alone does"
+
+
+def _attention_calls(model, c, batch, ids):
+    """How many times each self-attention module runs in one training step (forward + recomputes)."""
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: calls.append(i))
+               for i, m in enumerate(m for stack in self_attention_modules(model, c["arch"]) for m in stack)]
+    try:
+        train_call(model, batch, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted(calls)
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])

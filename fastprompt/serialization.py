@@ -7,6 +7,7 @@ changes anything in the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -59,24 +60,22 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "device_mesh") else t
 
 
-def _sharded(runtime) -> bool:
-    return any(hasattr(p, "device_mesh") for p in runtime.prompts.parameters())
+def _gathered(params: list[nn.Parameter]):
+    """A context in which DeepSpeed ZeRO-3's partitioned parameters are whole (a collective)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
-def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None = None, reparam_weights: bool = False) -> Path:
-    """Writes the prompts (and trained heads) of a patched model to directory `path`; returns it.
+def _sharded(params: list[nn.Parameter]) -> bool:
+    """Partitioned across ranks: FSDP2 (DTensor) or DeepSpeed ZeRO-3."""
+    return any(hasattr(p, "device_mesh") or hasattr(p, "ds_id") for p in params)
 
-    task: save only that task of a bank, as a single-task prompt (per-task heads cut to the
-    task's label count) that loads on its own or into another bank's slot.
-    reparam_weights: with reparam=True the file always holds the folded prefix (all inference
-    needs); this adds the reparameterisation's embedding and MLP, for further training.
-    A model sharded with FSDP2 (`fully_shard`): call it on every rank (the prompts are gathered,
-    a collective); rank 0 writes.
-    """
-    runtime = _runtime(model)
-    model = unwrap(model)
-    if not isinstance(reparam_weights, bool):
-        raise ValueError(f"reparam_weights must be True or False, got {reparam_weights!r}")
+
+def _tensors_to_save(runtime, model, task, reparam_weights):
+    """(name -> whole tensor on CPU, the config to save with them)."""
     cfg = runtime.config
     if task is None:
         tensors = {f"prompt.{k}": v for k, v in runtime.prompts.state_dict().items()}
@@ -93,9 +92,29 @@ def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None 
         if not reparam_weights:
             tensors = {k: v for k, v in tensors.items() if not k.startswith("prompt.")}
         tensors["prompt.prefix"] = folded
-    tensors = {k: _full(v).detach().cpu().contiguous() for k, v in tensors.items()}
-    if _sharded(runtime) and torch.distributed.get_rank() != 0:
-        return Path(path)  # FSDP2: every rank gathered the full tensors above, rank 0 writes them
+    # copies: gathered ZeRO-3 storage is freed again when the gathering context ends
+    return {k: _full(v).detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}, cfg
+
+
+def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None = None, reparam_weights: bool = False) -> Path:
+    """Writes the prompts (and trained heads) of a patched model to directory `path`; returns it.
+
+    task: save only that task of a bank, as a single-task prompt (per-task heads cut to the
+    task's label count) that loads on its own or into another bank's slot.
+    reparam_weights: with reparam=True the file always holds the folded prefix (all inference
+    needs); this adds the reparameterisation's embedding and MLP, for further training.
+    A model sharded with FSDP2 (`fully_shard`) or DeepSpeed ZeRO-3: call it on every rank (the
+    prompts are gathered, a collective); rank 0 writes.
+    """
+    runtime = _runtime(model)
+    model = unwrap(model)
+    if not isinstance(reparam_weights, bool):
+        raise ValueError(f"reparam_weights must be True or False, got {reparam_weights!r}")
+    params = list(runtime.prompts.parameters()) + [p for n in runtime.head_names for p in getattr(model, n).parameters()]
+    with _gathered(params):
+        tensors, cfg = _tensors_to_save(runtime, model, task, reparam_weights)
+    if _sharded(params) and torch.distributed.get_rank() != 0:
+        return Path(path)  # every rank gathered the whole tensors above (a collective); rank 0 writes them
     blob = safetensors.torch.save(tensors)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

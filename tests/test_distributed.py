@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -128,3 +129,46 @@ def test_fsdp2_sharded_backbone_trains_like_one_process_and_saves_prompts(tmp_pa
     single.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, single(**batch).logits, atol=1e-5, rtol=1e-4)
+
+
+def _zero3_worker(rank, init_file, out_dir):
+    def body():
+        import deepspeed
+
+        import fastprompt
+
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        model = _model()
+        opt = torch.optim.SGD(fastprompt.prompt_parameters(model), lr=0.5)  # the same optimizer as _train
+        config = {"train_micro_batch_size_per_gpu": PER_RANK, "zero_optimization": {"stage": 3},
+                  "zero_allow_untested_optimizer": True,  # a plain torch optimizer, not one of DeepSpeed's
+                  "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 unless told; the one-process run does not clip
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        for step in range(STEPS):
+            batch = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in _batch(step).items()}
+            engine.backward(engine(**batch).loss)
+            engine.step()
+        fastprompt.save_prompts(engine, os.path.join(out_dir, "prompts"))  # every rank calls it; rank 0 writes
+        engine.destroy()  # DeepSpeed's own teardown before the process group goes
+
+    _in_group(rank, init_file, body)
+
+
+def test_deepspeed_zero3_trains_like_one_process_and_saves_prompts(tmp_path):
+    """DeepSpeed ZeRO-3 on CPU (gloo): every parameter, the prompts included, partitioned across 2
+    ranks; the prompts saved from the engine equal one process trained on the combined batch."""
+    pytest.importorskip("deepspeed")
+    import fastprompt
+
+    mp.spawn(_zero3_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    single = _model()
+    before = [p.detach().clone() for p in fastprompt.prompt_parameters(single)]
+    _train(single)
+    sys.path.insert(0, str(HERE))
+    from conftest import tiny_model
+
+    loaded = fastprompt.load_prompts(tiny_model("llama", kind="seqcls"), tmp_path / "prompts")
+    for mine, theirs, start in zip(fastprompt.prompt_parameters(single), fastprompt.prompt_parameters(loaded), before):
+        torch.testing.assert_close(theirs.detach(), mine.detach(), atol=1e-5, rtol=1e-4)
+        assert not torch.equal(mine.detach(), start)

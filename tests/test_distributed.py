@@ -107,13 +107,11 @@ def _fsdp_worker(rank, init_file, out_dir):
     _in_group(rank, init_file, body)
 
 
-def test_fsdp2_sharded_backbone_trains_like_one_process_and_saves_prompts(tmp_path):
-    """FSDP2 (`fully_shard` on each decoder layer and the model, gloo on CPU): the prompts trained on
-    two ranks' shards equal one process on the combined batch, and the prompts saved from the
-    sharded model load into a plain one with the same outputs."""
+def _saved_prompts_equal_one_process(folder):
+    """The prompts saved in `folder` by the ranks equal one process trained on the combined batch;
+    returns (that process's model, the saved prompts loaded into a fresh plain model)."""
     import fastprompt
 
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     single = _model()
     before = [p.detach().clone() for p in fastprompt.prompt_parameters(single)]
@@ -121,10 +119,19 @@ def test_fsdp2_sharded_backbone_trains_like_one_process_and_saves_prompts(tmp_pa
     sys.path.insert(0, str(HERE))
     from conftest import tiny_model
 
-    loaded = fastprompt.load_prompts(tiny_model("llama", kind="seqcls"), tmp_path / "prompts")
+    loaded = fastprompt.load_prompts(tiny_model("llama", kind="seqcls"), folder)
     for mine, theirs, start in zip(fastprompt.prompt_parameters(single), fastprompt.prompt_parameters(loaded), before):
         torch.testing.assert_close(theirs.detach(), mine.detach(), atol=1e-5, rtol=1e-4)
         assert not torch.equal(mine.detach(), start)
+    return single, loaded
+
+
+def test_fsdp2_sharded_backbone_trains_like_one_process_and_saves_prompts(tmp_path):
+    """FSDP2 (`fully_shard` on each decoder layer and the model, gloo on CPU): the prompts trained on
+    two ranks' shards equal one process on the combined batch, and the prompts saved from the
+    sharded model load into a plain one with the same outputs."""
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    single, loaded = _saved_prompts_equal_one_process(tmp_path / "prompts")
     batch = _batch(0)
     single.eval()
     with torch.no_grad():
@@ -158,17 +165,5 @@ def test_deepspeed_zero3_trains_like_one_process_and_saves_prompts(tmp_path):
     """DeepSpeed ZeRO-3 on CPU (gloo): every parameter, the prompts included, partitioned across 2
     ranks; the prompts saved from the engine equal one process trained on the combined batch."""
     pytest.importorskip("deepspeed")
-    import fastprompt
-
     mp.spawn(_zero3_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    torch.manual_seed(0)
-    single = _model()
-    before = [p.detach().clone() for p in fastprompt.prompt_parameters(single)]
-    _train(single)
-    sys.path.insert(0, str(HERE))
-    from conftest import tiny_model
-
-    loaded = fastprompt.load_prompts(tiny_model("llama", kind="seqcls"), tmp_path / "prompts")
-    for mine, theirs, start in zip(fastprompt.prompt_parameters(single), fastprompt.prompt_parameters(loaded), before):
-        torch.testing.assert_close(theirs.detach(), mine.detach(), atol=1e-5, rtol=1e-4)
-        assert not torch.equal(mine.detach(), start)
+    _saved_prompts_equal_one_process(tmp_path / "prompts")

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from fastprompt.ops import backends, prefix_attention
+from fastprompt.ops import prefix_attention, runnable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -26,7 +26,7 @@ DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cpu" else [torch.bfloat16
 
 
 def _impls():
-    names = ["sdpa_concat"] + [b.name for b in backends() if b.why_not(torch.zeros(1, 1, 1, 64, device=DEVICE)) is None]
+    names = ["sdpa_concat"] + runnable(DEVICE)
     if DEVICE == "cuda":
         try:
             import flash_attn  # noqa: F401

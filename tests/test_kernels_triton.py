@@ -134,7 +134,9 @@ def test_autograd_function_and_prefix_grad_is_batch_reduced():
     """Through the autograd.Function: the prefix gradient is one (Hkv, P, D) tensor, the batch summed."""
     kern = _kernels()
     (q, k, v, pk, pv), ids, mask, visible, bias, causal = _setup("causal-gqa", torch.float32)
-    out = kern.prefix_attention_triton(q, k, v, pk, pv, None, None, True, q.shape[-1] ** -0.5, None, 0.0)
+    from fastprompt.ops import prefix_attention_inputs
+
+    out = kern.prefix_attention_triton(prefix_attention_inputs(q, k, v, pk, pv, causal=True))
     out.sum().backward()
     assert pk.grad.shape == pk.shape and pv.grad.shape == pv.shape
     ref_pk = pk.detach().double().requires_grad_(True)

@@ -8,10 +8,18 @@ layers below `start_layer`) take transformers' own SDPA path unchanged.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    prepare_padding_mask,
+    sdpa_mask,
+)
 
 from ..ops import prefix_attention
 
@@ -58,6 +66,45 @@ def extend_mask_for_inserted(mask: torch.Tensor, n: int, causal: bool, q_len: in
     return torch.cat([inserted_rows, real_rows], dim=-2)
 
 
+# dense masks built from a plain causal or bidirectional pattern plus padding -> their (B, Sk)
+# key-padding mask, so the op gets key padding + causal (variable-length kernels) instead of a
+# (B, 1, S, Sk) mask. Keyed by the mask object itself: a model that edits the mask (T5 adds it to
+# its position bias) hands the attention a new tensor and keeps the dense path.
+_PADDING: list[tuple[weakref.ref, torch.Tensor]] = []
+_PADDING_SLOTS = 8  # masks alive at once in one forward (causal + sliding, encoder + decoder, ...)
+
+
+def fastprompt_mask(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function, attention_mask=None, **kwargs
+):
+    """transformers' mask function (AttentionMaskInterface): sdpa's dense mask, remembering the
+    key padding behind it when the pattern is plain causal (aligned as the op's bottom-right
+    causal) or bidirectional."""
+    dense = sdpa_mask(
+        batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+        attention_mask=attention_mask, **kwargs,
+    )
+    aligned = mask_function is bidirectional_mask_function or (
+        mask_function is causal_mask_function and q_offset + q_length == kv_offset + kv_length
+    )
+    if dense is not None and aligned and attention_mask is not None and attention_mask.dim() == 2:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if padding is not None and padding.shape == (batch_size, kv_length):
+            _PADDING[:] = [e for e in _PADDING if e[0]() is not None][-(_PADDING_SLOTS - 1) :]
+            _PADDING.append((weakref.ref(dense), padding.bool()))
+    return dense
+
+
+def key_padding_of(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, Sk) key padding behind a dense mask `fastprompt_mask` built, else None."""
+    if mask is None:
+        return None
+    for ref, padding in _PADDING:
+        if ref() is mask:
+            return padding
+    return None
+
+
 def fastprompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: query (B, H, Q, D), key/value (B, Hkv, K, D) -> ((B, Q, H, D), None)."""
     binding = module.__dict__.get("_fastprompt")
@@ -65,14 +112,20 @@ def fastprompt_attention(module, query, key, value, attention_mask, scaling=None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     binding.calls += 1
     n = binding.inserted
-    if n and attention_mask is not None and attention_mask.shape[-1] == key.shape[-2] - n:
-        attention_mask = extend_mask_for_inserted(attention_mask, n, binding.causal, query.shape[-2])
     bias = kwargs.get("position_bias")
     if n and bias is not None and bias.shape[-1] == key.shape[-2] - n:
         # a relative position bias computed below the inserted tokens: they get none
         rows = n if bias.shape[-2] == query.shape[-2] - n else 0
         kwargs["position_bias"] = bias = torch.nn.functional.pad(bias, (n, 0, rows, 0))
     kv = binding.runtime.prefix(binding.slot, query.dtype, query.device)
+    padding = None if kv is None else key_padding_of(attention_mask)
+    if padding is not None:
+        if n and padding.shape[-1] == key.shape[-2] - n:  # inserted prompt tokens are real tokens
+            padding = torch.nn.functional.pad(padding, (n, 0), value=True)
+        if padding.shape != (key.shape[0], key.shape[-2]):
+            padding = None  # not the keys this layer sees: keep the dense mask
+    if padding is None and n and attention_mask is not None and attention_mask.shape[-1] == key.shape[-2] - n:
+        attention_mask = extend_mask_for_inserted(attention_mask, n, binding.causal, query.shape[-2])
     if kv is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     is_causal = kwargs.get("is_causal")
@@ -81,8 +134,9 @@ def fastprompt_attention(module, query, key, value, attention_mask, scaling=None
     out = prefix_attention(
         query, key, value, kv[0], kv[1],
         prompt_ids=kv[2],
-        mask=attention_mask,
-        causal=bool(is_causal) and attention_mask is None,
+        # key padding composes with causal in the op; a dense mask already says what is causal
+        mask=padding if padding is not None else attention_mask,
+        causal=bool(is_causal) and (padding is not None or attention_mask is None),
         scale=scaling,
         bias=bias,
         dropout_p=dropout,
@@ -94,4 +148,4 @@ def register() -> None:
     """Registers the attention and mask functions (class-level in transformers; idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, fastprompt_attention)
     # without a mask function of the same name transformers drops padding masks silently
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, fastprompt_mask)

@@ -1,6 +1,6 @@
 """The `cuda` backend: the csrc/ extension (a CUDA C++ forward kernel and its torch binding).
 
-Forward only, for inference: training on GPU uses the Triton backend. The extension is built
+Forward only, for inference: training on GPU uses the aten (or Triton) backend. The extension is built
 by setup.py when torch has CUDA (FASTPROMPT_BUILD_CUDA=1 pip install --no-build-isolation .),
 or just in time with ninja from csrc/ in a source checkout.
 """
@@ -12,6 +12,9 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from .declaration import Backend
+from .inputs import AttentionInputs
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 EXTENSION = "fastprompt_cuda_ext"
@@ -56,16 +59,28 @@ def available() -> bool:
     return torch.cuda.is_available() and _extension() is not None
 
 
-def prefix_attention_cuda(q, k, v, prefix_k, prefix_v, prompt_ids, mask, causal, scale, bias, dropout_p):
-    """Same contract as `prefix_attention_torch`, forward only (no autograd), no dropout."""
-    if dropout_p:
+def prefix_attention_cuda(x: AttentionInputs) -> torch.Tensor:
+    """Normalised inputs -> (B, H, S, D), forward only (no autograd), no dropout."""
+    if x.dropout_p:
         raise ValueError("the cuda backend does not support dropout; use backend='torch'")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, prefix_k, prefix_v)):
-        raise ValueError("the cuda backend is forward-only (inference); use backend='triton' to train")
-    if mask is not None and mask.dtype != torch.bool:
-        bias = mask if bias is None else bias + mask
-        mask = None
-    if mask is not None:
-        causal = False
-    out, _ = _extension().forward(q, k, v, prefix_k, prefix_v, prompt_ids, mask, bias, bool(causal), float(scale))
+    if x.needs_grad:
+        raise ValueError("the cuda backend is forward-only (inference); use backend='aten' or 'triton' to train")
+    # key padding and the mask are one strided bool mask; the kernel applies causal itself
+    mask = x.padding_visible()
+    if x.mask is not None:
+        mask = x.mask if mask is None else mask & x.mask
+    out, _ = _extension().forward(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.prompt_ids, mask, x.bias, bool(x.causal), float(x.scale))
     return out
+
+
+BACKEND = Backend(
+    name="cuda",
+    devices=frozenset({"cuda"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    fn=prefix_attention_cuda,
+    available=available,
+    head_dims=(32, 128),
+    gradients=False,
+    dropout=False,
+    notes="the csrc/ extension: forward only (inference), head dims 32..128, no dropout; chosen only by name",
+)

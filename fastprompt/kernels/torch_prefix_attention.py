@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from .declaration import Backend
+from .inputs import AttentionInputs
+
 
 def _rows_by_kv_head(x: torch.Tensor) -> torch.Tensor:
     """(B, Hkv, R, X) -> (Hkv, B * R, X): every query row of a kv head in one matrix."""
@@ -57,39 +60,15 @@ def _prefix_values(probs, prefix_v, prompt_ids):
     return out
 
 
-def causal_mask(s: int, sk: int, device) -> torch.Tensor:
-    """(S, Sk) bool, True = attend; bottom-right aligned so cached decoding sees all past keys."""
-    q_pos = torch.arange(s, device=device)[:, None] + (sk - s)
-    return torch.arange(sk, device=device)[None, :] <= q_pos
-
-
-def prefix_attention_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    prompt_ids: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    bias: torch.Tensor | None,
-    dropout_p: float,
-) -> torch.Tensor:
-    """Attention of q over [prefix ; sequence] keys.
-
-    q: (B, H, S, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D), or (T, Hkv, P, D)
-    with prompt_ids: (B,). mask: bool (True = attend) or additive float, broadcastable to
-    (B, H, S, Sk); bias: additive float broadcastable to (B, H, S, Sk). Both apply to the
-    sequence keys only: the prefix is visible to every query. Returns (B, H, S, D).
-    """
+def _attention(q, k, v, prefix_k, prefix_v, prompt_ids, visible, bias, scale, dropout_p):
+    """q: (B, H, S, D); k, v: (B, Hkv, Sk, D); visible: bool broadcastable to (B, H, S, Sk) or
+    None; bias: float broadcastable likewise or None -> (B, H, S, D)."""
     if q.dtype in (torch.float16, torch.bfloat16):
         # scores, softmax and products in fp32, as fused kernels accumulate: rounding the scores
         # to 8 bits of mantissa before the softmax would double the error of a bf16 kernel
-        out = prefix_attention_torch(
-            q.float(), k.float(), v.float(), prefix_k.float(), prefix_v.float(), prompt_ids,
-            mask if mask is None or mask.dtype == torch.bool else mask.float(), causal, scale,
-            None if bias is None else bias.float(), dropout_p,
+        out = _attention(
+            q.float(), k.float(), v.float(), prefix_k.float(), prefix_v.float(), prompt_ids, visible,
+            None if bias is None else bias.float(), scale, dropout_p,
         )
         return out.to(q.dtype)
     b, h, s, d = q.shape
@@ -103,13 +82,8 @@ def prefix_attention_torch(
     pre = pre * scale
     if bias is not None:
         seq = seq + bias.to(seq.dtype)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            seq = seq.masked_fill(~mask, float("-inf"))
-        else:
-            seq = seq + mask.to(seq.dtype)
-    elif causal and s > 1:
-        seq = seq.masked_fill(~causal_mask(s, sk, q.device), float("-inf"))
+    if visible is not None:
+        seq = seq.masked_fill(~visible, float("-inf"))
 
     probs = torch.softmax(torch.cat([pre, seq], dim=-1), dim=-1)
     if dropout_p > 0.0:
@@ -119,3 +93,17 @@ def prefix_attention_torch(
     p_seq = probs[..., n_pre:].reshape(b, hkv, g * s, sk)
     out = torch.matmul(p_seq, v) + _prefix_values(p_pre, prefix_v, prompt_ids)
     return out.reshape(b, h, s, d)
+
+
+def prefix_attention_torch(x: AttentionInputs) -> torch.Tensor:
+    """Normalised inputs -> (B, H, S, D): plain autograd, any device, dropout, float64."""
+    return _attention(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.prompt_ids, x.visible(), x.bias, x.scale, x.dropout_p)
+
+
+BACKEND = Backend(
+    name="torch",
+    devices=frozenset({"cpu", "cuda", "xpu", "mps"}),
+    dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
+    fn=prefix_attention_torch,
+    notes="the fallback everywhere: materialises the (B, H, S, P + Sk) scores, so slower and heavier",
+)

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .inputs import AttentionInputs
+
 LOG2E = 1.4426950408889634
 
 
@@ -424,14 +426,12 @@ class _TritonPrefixAttention(torch.autograd.Function):
         return dq, dk, dv, dpk, dpv, None, None, None, None, None
 
 
-def prefix_attention_triton(q, k, v, prefix_k, prefix_v, prompt_ids, mask, causal, scale, bias, dropout_p):
-    """Same contract as `prefix_attention_torch`; no dropout. Runs on CUDA, or anywhere under TRITON_INTERPRET=1."""
-    if dropout_p:
+def prefix_attention_triton(x: AttentionInputs) -> torch.Tensor:
+    """Normalised inputs -> (B, H, S, D); no dropout. Runs on CUDA, or anywhere under TRITON_INTERPRET=1."""
+    if x.dropout_p:
         raise ValueError("the triton backend does not support dropout; use backend='torch'")
-    if mask is not None and mask.dtype != torch.bool:
-        # an additive float mask is a bias for this kernel
-        bias = mask if bias is None else bias + mask
-        mask = None
-    if mask is not None and causal:
-        causal = False  # the mask already says it (the op's contract)
-    return _TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, prompt_ids, mask, bias, causal, scale)
+    # key padding and the mask are one strided bool mask; the kernel applies causal itself
+    mask = x.padding_visible()
+    if x.mask is not None:
+        mask = x.mask if mask is None else mask & x.mask
+    return _TritonPrefixAttention.apply(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.prompt_ids, mask, x.bias, x.causal, x.scale)

@@ -1,6 +1,6 @@
-"""Ops: the prefix-attention dispatcher and its backends."""
+"""Ops: the prefix-attention op, its dispatcher and the backends' registry."""
 
-from .dispatch import backends, select_backend
-from .prefix_attention import prefix_attention
+from .dispatch import PRIORITY, Choice, backends, runnable
+from .prefix_attention import explain_backend, prefix_attention, prefix_attention_inputs
 
-__all__ = ["prefix_attention", "backends", "select_backend"]
+__all__ = ["prefix_attention", "prefix_attention_inputs", "explain_backend", "backends", "Choice", "PRIORITY", "runnable"]

@@ -1,69 +1,92 @@
-"""Backend registry for prefix attention: each backend states what it supports; the first that fits runs."""
+"""Which prefix-attention backend runs: a priority list per device over the backends' own declarations.
+
+Each backend declares what it supports in its kernels file (`fastprompt.kernels.*.BACKEND`); the
+first backend in the device's list that accepts the inputs runs. `explain` says which one that
+is and why each earlier one refused.
+
+Why this order: on CUDA the `aten` backend (PyTorch's FlashAttention-2 / memory-efficient kernels
+plus the LSE-merged prefix) is the default until a GPU measurement shows the Triton kernels win
+for some shapes (none has been taken yet: bench/gpu_check.py records it when run on a GPU);
+`triton` and the forward-only `cuda` extension run when named. On CPU the fused `cpu` backend;
+`torch` (plain autograd) everywhere else and for what the fused ones refuse (attention dropout,
+float64).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
-import torch
+from ..kernels import aten_prefix_attention, cpu_prefix_attention, cuda_prefix_attention, torch_prefix_attention, triton_backend
+from ..kernels.declaration import Backend
+from ..kernels.inputs import AttentionInputs
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        aten_prefix_attention.BACKEND,
+        triton_backend.BACKEND,
+        cuda_prefix_attention.BACKEND,
+        cpu_prefix_attention.BACKEND,
+        torch_prefix_attention.BACKEND,
+    )
+}
+
+# tried in this order when no backend is named; a backend absent from a device's list runs there
+# only when named (the forward-only `cuda` extension; `triton` until measured faster)
+PRIORITY: dict[str, list[str]] = {
+    "cuda": ["aten", "torch"],
+    "cpu": ["cpu", "torch"],
+}
+DEFAULT_PRIORITY = ["torch"]
 
 
 @dataclass(frozen=True)
-class Backend:
-    """One implementation of prefix attention.
+class Choice:
+    """backend: the name that runs; refused: {name: reason} for every other backend (the ones
+    ahead of it in the device's priority list first); order: the priority list used."""
 
-    name: what users pass as ``backend=``; devices: device types it runs on; dtypes: dtypes it
-    accepts; available: whether its runtime (compiler, extension) is importable here; fn: the
-    implementation, called with validated arguments.
-    """
+    backend: str
+    refused: dict[str, str]
+    order: list[str]
 
-    name: str
-    devices: frozenset[str]
-    dtypes: frozenset[torch.dtype]
-    available: Callable[[], bool]
-    fn: Callable[..., torch.Tensor]
-    head_dims: tuple[int, int] = (1, 1 << 16)
-    dropout: bool = True
-
-    def why_not(self, q: torch.Tensor, dropout_p: float = 0.0) -> str | None:
-        """None when this backend can run on q's device/dtype/head dim (and dropout), else the reason."""
-        if q.device.type not in self.devices:
-            return f"runs on {sorted(self.devices)}, not {q.device.type}"
-        if q.dtype not in self.dtypes:
-            return f"does not support {q.dtype}"
-        lo, hi = self.head_dims
-        if not lo <= q.shape[-1] <= hi:
-            return f"supports head dims {lo}..{hi}, not {q.shape[-1]}"
-        if dropout_p > 0 and not self.dropout:
-            return "does not support attention dropout"
-        if not self.available():
-            return "is not available in this install"
-        return None
-
-
-_BACKENDS: list[Backend] = []
-
-
-def register_backend(backend: Backend) -> None:
-    """Adds a backend; later registrations are preferred over earlier ones."""
-    _BACKENDS.insert(0, backend)
+    def __str__(self) -> str:
+        lines = [f"{self.backend} runs (priority: {' > '.join(self.order)})"]
+        lines += [f"  {n}: {r}" for n, r in self.refused.items()]
+        return "\n".join(lines)
 
 
 def backends() -> list[Backend]:
-    return list(_BACKENDS)
+    return list(BACKENDS.values())
 
 
-def select_backend(q: torch.Tensor, name: str | None = None, dropout_p: float = 0.0) -> Backend:
-    """The backend named ``name``, or the first that supports q (and dropout_p)."""
+def choose(x: AttentionInputs, name: str | None = None) -> tuple[Backend, Choice]:
+    """The backend for x (the one named, or the first in x's device's priority list that accepts
+    it) and the explanation. Raises ValueError naming the reason when none can run."""
+    order = PRIORITY.get(x.q.device.type, DEFAULT_PRIORITY)
+    reasons = {n: b.why_not(x) for n, b in BACKENDS.items()}
     if name is not None:
-        for b in _BACKENDS:
-            if b.name == name:
-                reason = b.why_not(q, dropout_p)
-                if reason:
-                    raise ValueError(f"backend={name!r} {reason}")
-                return b
-        raise ValueError(f"backend must be one of {[b.name for b in _BACKENDS]}, got {name!r}")
-    for b in _BACKENDS:
-        if b.why_not(q, dropout_p) is None:
-            return b
-    raise ValueError(f"no prefix-attention backend supports {q.device.type} {q.dtype} head dim {q.shape[-1]}")
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
+        if reasons[name]:
+            raise ValueError(f"backend={name!r} {reasons[name]}")
+        chosen = name
+    else:
+        chosen = next((n for n in order if reasons[n] is None), None)
+        if chosen is None:
+            detail = "; ".join(f"{n} {reasons[n]}" for n in order)
+            raise ValueError(f"no prefix-attention backend supports these inputs: {detail}")
+    refused = {n: reasons[n] or "can run, but comes later in the priority list" for n in order if n != chosen}
+    refused.update({n: reasons[n] or "runs only when named" for n in BACKENDS if n not in order and n != chosen})
+    return BACKENDS[chosen], Choice(chosen, refused, order)
+
+
+def runnable(device: str = "cpu", dtype=None, head_dim: int = 64, needs_grad: bool = True) -> list[str]:
+    """Names of the backends that accept a plain call (no mask, no dropout) on this device."""
+    import torch
+
+    dtype = dtype or torch.float32
+    q = torch.zeros(1, 1, 1, head_dim, dtype=dtype, device=device, requires_grad=needs_grad)
+    kv = torch.zeros(1, 1, 1, head_dim, dtype=dtype, device=device)
+    pkv = torch.zeros(1, 1, head_dim, dtype=dtype, device=device)
+    x = AttentionInputs(q, kv, kv, pkv, pkv, None, None, None, None, False, head_dim**-0.5, 0.0)
+    return [n for n, b in BACKENDS.items() if b.why_not(x) is None]

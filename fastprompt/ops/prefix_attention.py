@@ -1,78 +1,11 @@
-"""The public prefix-attention op: validates at the boundary, then one call into a backend."""
+"""The public prefix-attention op: validates and normalises at the boundary, then one call into a backend."""
 
 from __future__ import annotations
 
 import torch
 
-import importlib.util
-
-from ..kernels.cpu_prefix_attention import prefix_attention_cpu
-from ..kernels.torch_prefix_attention import prefix_attention_torch
-from .dispatch import Backend, register_backend, select_backend
-
-_FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})
-
-
-def _triton(*args):
-    # imported on first use: importing triton costs a second, and only GPU runs need it
-    from ..kernels.triton_prefix_attention import prefix_attention_triton
-
-    return prefix_attention_triton(*args)
-
-
-def _cuda(*args):
-    from ..kernels.cuda_prefix_attention import prefix_attention_cuda
-
-    return prefix_attention_cuda(*args)
-
-
-def _cuda_extension_available() -> bool:
-    from ..kernels.cuda_prefix_attention import available
-
-    return available()
-
-
-register_backend(
-    Backend(
-        name="torch",
-        devices=frozenset({"cpu", "cuda", "xpu", "mps"}),
-        dtypes=_FLOATS | {torch.float64},
-        available=lambda: True,
-        fn=prefix_attention_torch,
-    )
-)
-register_backend(
-    Backend(
-        name="cuda",
-        devices=frozenset({"cuda"}),
-        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        available=_cuda_extension_available,
-        fn=_cuda,
-        head_dims=(32, 128),
-        dropout=False,
-    )
-)
-register_backend(
-    Backend(
-        name="triton",
-        devices=frozenset({"cuda"}),
-        dtypes=_FLOATS,
-        available=lambda: importlib.util.find_spec("triton") is not None,
-        fn=_triton,
-        head_dims=(16, 256),
-        dropout=False,
-    )
-)
-register_backend(
-    Backend(
-        name="cpu",
-        devices=frozenset({"cpu"}),
-        dtypes=_FLOATS,
-        available=lambda: hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"),
-        fn=prefix_attention_cpu,
-        dropout=False,
-    )
-)
+from ..kernels.inputs import AttentionInputs
+from .dispatch import Choice, choose
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -80,7 +13,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def prefix_attention(
+def prefix_attention_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -93,24 +26,9 @@ def prefix_attention(
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Attention of each query over a shared key/value prefix followed by the sequence's own keys.
-
-    q: (B, H, S, D); k, v: (B, Hkv, Sk, D) with H a multiple of Hkv (grouped-query attention,
-    kv heads never repeated); prefix_k, prefix_v: (Hkv, P, D) shared by the batch, or
-    (T, Hkv, P, D) a bank of T prompts with prompt_ids: (B,) int64 choosing one per example.
-    mask: for the sequence keys only, bool (True = attend) or additive float, broadcastable to
-    (B, H, S, Sk), or a (B, Sk) key-padding mask; the prefix is visible to every query.
-    causal: causal within the sequence (bottom-right aligned when Sk > S, as in cached decoding);
-    ignored when a mask is given (the mask already says it). bias: additive float on the sequence
-    scores (T5's position bias), broadcastable to (B, H, S, Sk). scale: default D ** -0.5.
-    backend: "triton" (fused kernels; CUDA, no dropout), "cuda" (the csrc/ extension, forward
-    only; CUDA), "cpu" (PyTorch's fused flash kernel + LSE merge; CPU, no dropout), "torch"
-    (plain autograd, any device, dropout, float64), or None for the first that supports the call
-    (in that order of preference).
-    Returns (B, H, S, D) in q's dtype.
-    """
+) -> AttentionInputs:
+    """Validates `prefix_attention`'s arguments (see there) and normalises them once: the
+    `AttentionInputs` every backend receives. Raises ValueError naming the argument at fault."""
     _check(q.dim() == 4, f"q must be (B, H, S, D), got shape {tuple(q.shape)}")
     b, h, s, d = q.shape
     _check(k.dim() == 4 and k.shape == v.shape, f"k and v must both be (B, Hkv, Sk, D), got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -135,14 +53,62 @@ def prefix_attention(
     for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _check(t.dtype == q.dtype, f"{name} dtype {t.dtype} differs from q dtype {q.dtype}")
         _check(t.device == q.device, f"{name} is on {t.device}, q on {q.device}")
+    sk = k.shape[2]
+    key_padding = dense = None
     if mask is not None and mask.dim() == 2:
-        _check(mask.shape == (b, k.shape[2]), f"a 2-D mask must be key padding (B={b}, Sk={k.shape[2]}), got {tuple(mask.shape)}")
-        mask = mask[:, None, None, :] if mask.dtype == torch.bool else mask.bool()[:, None, None, :]
-    if mask is not None:
-        _check(mask.dim() == 4, f"mask must broadcast to (B, H, S, Sk), got shape {tuple(mask.shape)}")
+        _check(mask.shape == (b, sk), f"a 2-D mask must be key padding (B={b}, Sk={sk}), got {tuple(mask.shape)}")
+        key_padding = mask if mask.dtype == torch.bool else mask != 0  # transformers' attention_mask: 1 = real
+    elif mask is not None:
+        _check(mask.dim() == 4, f"mask must be (B, Sk) key padding or broadcast to (B, H, S, Sk), got shape {tuple(mask.shape)}")
+        _check(_broadcasts(mask.shape, (b, h, s, sk)), f"mask shape {tuple(mask.shape)} does not broadcast to (B, H, S, Sk) = {(b, h, s, sk)}")
+        dense = mask
+    if bias is not None:
+        _check(bias.dim() == 4 and bias.is_floating_point(), f"bias must be a float tensor broadcastable to (B, H, S, Sk), got {bias.dtype} {tuple(bias.shape)}")
+        _check(_broadcasts(bias.shape, (b, h, s, sk)), f"bias shape {tuple(bias.shape)} does not broadcast to (B, H, S, Sk) = {(b, h, s, sk)}")
+    for name, t in (("mask", mask), ("bias", bias)):
+        _check(t is None or t.device == q.device, f"{name} is on {t.device if t is not None else None}, q on {q.device}")
+    if dense is not None and dense.dtype != torch.bool:
+        # an additive float mask is part of the bias (one normalisation: backends see bool masks only)
+        fm = dense.to(q.dtype if q.is_floating_point() else torch.float32)
+        bias = fm if bias is None else bias.to(fm.dtype) + fm
+        dense = None
     _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
-    impl = select_backend(q, backend, dropout_p)
-    return impl.fn(
-        q, k, v, prefix_k, prefix_v, prompt_ids, mask, bool(causal),
-        float(d**-0.5 if scale is None else scale), bias, float(dropout_p),
+    return AttentionInputs(
+        q=q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, prompt_ids=prompt_ids, key_padding=key_padding,
+        mask=dense, bias=bias, causal=bool(causal) and s > 1,  # one query row sees every earlier key
+        scale=float(d**-0.5 if scale is None else scale), dropout_p=float(dropout_p),
     )
+
+
+def _broadcasts(shape, full) -> bool:
+    return len(shape) == len(full) and all(a in (1, f) for a, f in zip(shape, full))
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, *, backend: str | None = None, **kwargs) -> torch.Tensor:
+    """Attention of each query over a shared key/value prefix followed by the sequence's own keys.
+
+    q: (B, H, S, D); k, v: (B, Hkv, Sk, D) with H a multiple of Hkv (grouped-query attention,
+    kv heads never repeated); prefix_k, prefix_v: (Hkv, P, D) shared by the batch, or
+    (T, Hkv, P, D) a bank of T prompts with prompt_ids: (B,) int64 choosing one per example.
+    mask: a (B, Sk) key-padding mask (True / nonzero = a real token, as transformers' attention_mask), or bool (True = attend) /
+    additive float broadcastable to (B, H, S, Sk), for the sequence keys only: the prefix is
+    visible to every query. causal: causal within the sequence, bottom-right aligned when
+    Sk > S (cached decoding, chunked prefill); it composes with any mask. With key padding on a
+    causal call a padded query row is padding too and sees only the prefix. bias: additive float
+    on the sequence scores (T5's position bias), broadcastable to (B, H, S, Sk). scale: default
+    D ** -0.5. dropout_p: attention dropout (the torch backend applies it).
+    backend: a name from `fastprompt.ops.backends()` ("aten", "triton", "cuda", "cpu", "torch")
+    or None for the first in the device's priority list that supports the call
+    (`fastprompt.ops.dispatch.PRIORITY`; `explain_backend` says which and why).
+    Returns (B, H, S, D) in q's dtype.
+    """
+    x = prefix_attention_inputs(q, k, v, prefix_k, prefix_v, **kwargs)
+    impl, _ = choose(x, backend)
+    return impl.fn(x)
+
+
+def explain_backend(q, k, v, prefix_k, prefix_v, *, backend: str | None = None, **kwargs) -> Choice:
+    """Which backend `prefix_attention` would run for these arguments, and why each other one
+    refused (same arguments; nothing is computed). `print(explain_backend(...))` reads well."""
+    x = prefix_attention_inputs(q, k, v, prefix_k, prefix_v, **kwargs)
+    return choose(x, backend)[1]

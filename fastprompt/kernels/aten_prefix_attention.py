@@ -1,0 +1,247 @@
+"""The `aten` backend (the CUDA default): PyTorch's own fused attention for the sequence, the prefix
+merged by log-sum-exp.
+
+The merge, its backward and the prefix part are shared code (`lse_merge`, `prefix_matmul`), the
+same the CPU backend's tests exercise; this file only chooses and drives the sequence kernel:
+
+- FlashAttention-2, dense, when nothing but causal masks the sequence (fp16/bf16).
+- FlashAttention-2, variable-length, for a (B, Sk) key-padding mask: the real tokens are packed
+  so padding costs nothing and composes with causal. On a causal call queries are packed by the
+  same mask (a padded query row is padding: it sees only the prefix); on a non-causal one every
+  query row is kept and only the keys are packed.
+- The memory-efficient kernel with one additive bias for everything else: a dense mask, a float
+  bias (T5's position bias), causal chunked prefill (S != Sk), float32. It takes repeated K/V
+  heads, so grouped-query K/V are repeated on this path only.
+
+The kernels are called through a `kernels` object (`aten_kernels.CUDA_KERNELS`); tests pass
+`REFERENCE_KERNELS` to run every line here on CPU. Refused (declared below): attention dropout
+(the flash kernels' RNG state would have to be replayed for the prefix part too), head dims
+that are not multiples of 8 or above 256, GPUs before sm_80.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from .aten_kernels import CUDA_KERNELS
+from .declaration import Backend
+from .inputs import AttentionInputs
+from .lse_merge import MergedPrefixAttention
+from .prefix_matmul import PrefixByMatmul, prompt_groups
+
+
+def _lastdim(t: torch.Tensor) -> torch.Tensor:
+    """Fused kernels need unit stride in the head dim; any other strides are fine."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class FlashDense:
+    """`SequencePart`: FlashAttention-2 over (B, S, H, D) views, causal only when S == Sk."""
+
+    def __init__(self, kernels, causal: bool, scale: float, state=()):
+        self.kernels, self.causal, self.scale, self.state = kernels, causal, scale, state
+
+    def tensors(self):
+        return self.state
+
+    def with_tensors(self, tensors):
+        return FlashDense(self.kernels, self.causal, self.scale, tuple(tensors))
+
+    def forward(self, q, k, v):
+        s, sk = q.shape[2], k.shape[2]
+        out, lse, rng, unused = self.kernels.flash_forward(
+            _lastdim(q.transpose(1, 2)), _lastdim(k.transpose(1, 2)), _lastdim(v.transpose(1, 2)),
+            None, None, s, sk, self.causal, self.scale,
+        )
+        self.state = (rng, unused)
+        return out.transpose(1, 2), lse
+
+    def backward(self, dout, q, k, v, out, lse):
+        s, sk = q.shape[2], k.shape[2]
+        rng, unused = self.state
+        dq, dk, dv = self.kernels.flash_backward(
+            _lastdim(dout.transpose(1, 2)), _lastdim(q.transpose(1, 2)), _lastdim(k.transpose(1, 2)),
+            _lastdim(v.transpose(1, 2)), _lastdim(out.transpose(1, 2)), lse.contiguous(),
+            None, None, s, sk, self.causal, rng, unused, self.scale,
+        )
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+class VarlenPlan:
+    """Where the real tokens sit: k_idx (Nk,) int64 positions in the flattened (B*Sk) keys, cu_k
+    (B+1,) int32 offsets, max_k; and likewise for the queries (q_idx None: every row kept)."""
+
+    def __init__(self, q_idx, cu_q, max_q, k_idx, cu_k, max_k):
+        self.q_idx, self.cu_q, self.max_q, self.k_idx, self.cu_k, self.max_k = q_idx, cu_q, max_q, k_idx, cu_k, max_k
+
+    @staticmethod
+    def from_padding(key_padding: torch.Tensor, s: int, causal: bool) -> "VarlenPlan":
+        """key_padding: (B, Sk) bool. One host sync (how many real tokens). Causal calls need
+        S == Sk (the queries are the key tokens, packed by the same mask)."""
+        b, sk = key_padding.shape
+        counts = key_padding.sum(-1, dtype=torch.int32)
+        cu_k = torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
+        k_idx = key_padding.flatten().nonzero().squeeze(1)
+        max_k = int(counts.max()) if b else 0
+        if causal:
+            return VarlenPlan(k_idx, cu_k, max_k, k_idx, cu_k, max_k)
+        cu_q = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=key_padding.device)
+        return VarlenPlan(None, cu_q, s, k_idx, cu_k, max_k)
+
+
+# the same (B, Sk) mask reaches every layer of one forward: its plan (and host sync) is reused
+_last_plan: list = [None, None, None]
+
+
+def _plan_for(key_padding: torch.Tensor, s: int, causal: bool) -> VarlenPlan:
+    ref, key, plan = _last_plan
+    k = (key_padding._version, s, causal, key_padding.shape)
+    if ref is not None and ref() is key_padding and key == k:
+        return plan
+    plan = VarlenPlan.from_padding(key_padding, s, causal)
+    _last_plan[:] = [weakref.ref(key_padding), k, plan]
+    return plan
+
+
+def _pack(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, S, D) -> (N, H, D) rows idx of the flattened (B*S) tokens (all when idx is None)."""
+    t = x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+    return _lastdim(t) if idx is None else t.index_select(0, idx)
+
+
+def _unpack(t: torch.Tensor, idx: torch.Tensor | None, b: int, s: int) -> torch.Tensor:
+    """(N, H, D) -> (B, H, S, D), zeros at the rows not in idx."""
+    if idx is not None:
+        t = torch.zeros(b * s, *t.shape[1:], dtype=t.dtype, device=t.device).index_copy_(0, idx, t)
+    return t.view(b, s, *t.shape[1:]).transpose(1, 2)
+
+
+class FlashVarlen:
+    """`SequencePart`: FlashAttention-2 over the packed real tokens of a padded batch."""
+
+    def __init__(self, kernels, plan: VarlenPlan, causal: bool, scale: float, state=()):
+        self.kernels, self.plan, self.causal, self.scale, self.state = kernels, plan, causal, scale, state
+
+    def tensors(self):
+        return self.state
+
+    def with_tensors(self, tensors):
+        return FlashVarlen(self.kernels, self.plan, self.causal, self.scale, tuple(tensors))
+
+    def forward(self, q, k, v):
+        b, h, s, _ = q.shape
+        p = self.plan
+        out, lse, rng, unused = self.kernels.flash_forward(
+            _pack(q, p.q_idx), _pack(k, p.k_idx), _pack(v, p.k_idx), p.cu_q, p.cu_k, p.max_q, p.max_k, self.causal, self.scale
+        )
+        self.state = (rng, unused)
+        if p.q_idx is not None:  # rows left out are padding: no sequence key (LSE -inf)
+            lse = torch.full((h, b * s), float("-inf"), device=q.device).index_copy_(1, p.q_idx, lse)
+        return _unpack(out, p.q_idx, b, s), lse.view(h, b, s).transpose(0, 1)
+
+    def backward(self, dout, q, k, v, out, lse):
+        b, h, s, _ = q.shape
+        sk = k.shape[2]
+        p = self.plan
+        rng, unused = self.state
+        lse_rows = lse.transpose(0, 1).reshape(h, b * s)
+        if p.q_idx is not None:
+            lse_rows = lse_rows.index_select(1, p.q_idx)
+        dq, dk, dv = self.kernels.flash_backward(
+            _pack(dout, p.q_idx), _pack(q, p.q_idx), _pack(k, p.k_idx), _pack(v, p.k_idx), _pack(out, p.q_idx),
+            lse_rows.contiguous(), p.cu_q, p.cu_k, p.max_q, p.max_k, self.causal, rng, unused, self.scale,
+        )
+        return _unpack(dq, p.q_idx, b, s), _unpack(dk, p.k_idx, b, sk), _unpack(dv, p.k_idx, b, sk)
+
+
+class EfficientBias:
+    """`SequencePart`: the memory-efficient kernel with one additive bias (B|1, H|1, S, Sk) in q's
+    dtype and 16-aligned rows, or None. Grouped-query K/V are repeated for this kernel."""
+
+    def __init__(self, kernels, bias, scale: float, state=(), has_bias: bool | None = None):
+        self.kernels, self.bias, self.scale, self.state = kernels, bias, scale, state
+        self.has_bias = bias is not None if has_bias is None else has_bias
+
+    def tensors(self):
+        return ((self.bias,) if self.has_bias else ()) + tuple(self.state)
+
+    def with_tensors(self, tensors):
+        t = tuple(tensors)
+        bias, state = ((t[0] if t else None), t[1:]) if self.has_bias else (None, t)
+        return EfficientBias(self.kernels, bias, self.scale, state, self.has_bias)
+
+    def _expand(self, q, k, v):
+        b, h, s, _ = q.shape
+        g = h // k.shape[1]
+        if g > 1:
+            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        bias = None if self.bias is None else self.bias.expand(b, h, s, k.shape[2])
+        return _lastdim(k), _lastdim(v), bias
+
+    def forward(self, q, k, v):
+        s = q.shape[2]
+        k, v, bias = self._expand(q, k, v)
+        out, lse, seed, offset = self.kernels.efficient_forward(_lastdim(q), k, v, bias, self.scale)
+        self.state = (seed, offset)
+        return out, lse.narrow(-1, 0, s)
+
+    def backward(self, dout, q, k, v, out, lse):
+        b, h, s, _ = q.shape
+        hkv, g = k.shape[1], h // k.shape[1]
+        ke, ve, bias = self._expand(q, k, v)
+        seed, offset = self.state
+        lse_k = torch.zeros(b, h, math.ceil(s / 32) * 32, dtype=torch.float32, device=q.device)  # the kernel's padded LSE
+        lse_k.narrow(-1, 0, s).copy_(lse)
+        dq, dk, dv = self.kernels.efficient_backward(_lastdim(dout), _lastdim(q), ke, ve, bias, _lastdim(out), lse_k, seed, offset, self.scale)
+        if g > 1:  # fold the repeated heads back onto their kv head
+            dk, dv = dk.unflatten(1, (hkv, g)).sum(2), dv.unflatten(1, (hkv, g)).sum(2)
+        return dq, dk, dv
+
+
+def _flash_fits(x: AttentionInputs) -> bool:
+    _, _, _, s, sk, d = x.shape
+    return (
+        x.q.dtype in (torch.float16, torch.bfloat16) and x.mask is None and x.bias is None and not (x.causal and s != sk)
+    )
+
+
+def sequence_part(x: AttentionInputs, kernels=CUDA_KERNELS):
+    """(the `SequencePart` for x, dead rows (B|1, H|1, S) bool or None)."""
+    b, h, hkv, s, sk, d = x.shape
+    if _flash_fits(x):
+        if x.key_padding is None:
+            return FlashDense(kernels, x.causal, x.scale), None
+        plan = _plan_for(x.key_padding, s, x.causal)
+        # non-causal: an example without real keys sees only the prefix
+        dead = None if x.causal else (~x.key_padding.any(-1)).view(b, 1, 1)
+        return FlashVarlen(kernels, plan, x.causal, x.scale), dead
+    return EfficientBias(kernels, x.additive_bias(x.q.dtype, align=16), x.scale), x.dead_rows()
+
+
+def prefix_attention_aten(x: AttentionInputs, kernels=CUDA_KERNELS) -> torch.Tensor:
+    """Normalised inputs -> (B, H, S, D). kernels: `CUDA_KERNELS`, or `REFERENCE_KERNELS` to run on CPU."""
+    seq, dead = sequence_part(x, kernels)
+    prefix = PrefixByMatmul(x.scale, prompt_groups(x.prompt_ids))
+    return MergedPrefixAttention.apply(x.q, x.k, x.v, x.prefix_k, x.prefix_v, seq, prefix, dead, False)
+
+
+BACKEND = Backend(
+    name="aten",
+    devices=frozenset({"cuda"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    fn=prefix_attention_aten,
+    available=lambda: torch.cuda.is_available(),
+    head_dims=(8, 256),
+    head_dim_multiple=8,
+    dropout=False,
+    min_capability=(8, 0),
+    notes=(
+        "FlashAttention-2 (dense or variable-length) or the memory-efficient kernel for the sequence, the prefix by "
+        "matrix products, merged by LSE; refuses dropout (the kernels' RNG would have to be replayed for the prefix "
+        "too), head dims not a multiple of 8 or above 256, GPUs before sm_80; float32 and dense masks run on the "
+        "memory-efficient kernel"
+    ),
+)

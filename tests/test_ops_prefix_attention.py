@@ -179,3 +179,59 @@ def test_prompt_ids_out_of_range():
         prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="prompt_ids must be an integer tensor"):
         prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0.0, 1.0]))
+
+
+def _run(backend, q, k, v, pk, pv, **kw):
+    if backend == "aten-reference":  # the CUDA backend's code with plain-PyTorch kernels
+        from fastprompt.kernels.aten_kernels import REFERENCE_KERNELS
+        from fastprompt.kernels.aten_prefix_attention import prefix_attention_aten
+        from fastprompt.ops import prefix_attention_inputs
+
+        return prefix_attention_aten(prefix_attention_inputs(q, k, v, pk, pv, **kw), REFERENCE_KERNELS)
+    return prefix_attention(q, k, v, pk, pv, backend=backend, **kw)
+
+
+COMPOSE = [
+    # s, sk, what masks
+    (6, 6, "left"), (6, 6, "right"), (7, 7, "holes"), (1, 8, "left"), (3, 8, "left"), (6, 6, "dense"), (6, 6, "float"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["aten-reference"])
+@pytest.mark.parametrize("case", COMPOSE, ids=[f"S{c[0]}-Sk{c[1]}-{c[2]}" for c in COMPOSE])
+def test_masks_and_causal_compose(case, backend):
+    """causal=True with any mask is causal AND the mask (the op once dropped causal when a mask
+    came). With (B, Sk) key padding a padded query row (the token at key position Sk - S + i)
+    sees only the prefix; decode (S=1) and chunked prefill (S < Sk) align causal bottom-right."""
+    s, sk, kind = case
+    b, h, hkv = 3, 4, 2
+    q, k, v, pk, pv = _inputs(b, h, hkv, s, sk, 3, 8, torch.float32)
+    causal = (torch.arange(sk)[None] <= torch.arange(s)[:, None] + (sk - s))[None, None] if s > 1 else torch.ones(1, 1, 1, sk, dtype=torch.bool)
+    g = torch.Generator().manual_seed(3)
+    if kind in ("left", "right", "holes"):
+        kp = torch.ones(b, sk, dtype=torch.bool)
+        if kind == "left":
+            kp[1, :2], kp[2, : sk - 1] = False, False
+        elif kind == "right":
+            kp[1, sk - 2 :], kp[2, 1:] = False, False
+        else:
+            kp = torch.rand(b, sk, generator=g) > 0.3
+            kp[:, -1] = True
+        mask = kp.long() if kind == "right" else kp  # transformers' int attention_mask works too
+        visible = kp[:, None, None, :] & causal
+        if s > 1:
+            visible = visible & kp[:, sk - s :][:, None, :, None]
+    elif kind == "dense":
+        mask = torch.rand(b, 1, s, sk, generator=g) > 0.3
+        visible = mask & causal
+    else:
+        keep = torch.rand(b, 1, s, sk, generator=g) > 0.3
+        mask = torch.zeros(b, 1, s, sk).masked_fill(~keep, torch.finfo(torch.float32).min)
+        visible = keep & causal
+    out = _run(backend, q, k, v, pk, pv, mask=mask, causal=True)
+    ref = _reference(q, k, v, pk, pv, visible=visible)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(ref)
+    got, want = _grads(out, (q, k, v, pk, pv), w), _grads(ref, (q, k, v, pk, pv), w)
+    for name, a, e in zip("q k v prefix_k prefix_v".split(), got, want):
+        torch.testing.assert_close(a.double(), e.double(), atol=1e-5, rtol=1e-5, msg=lambda m: f"grad {name}: {m}")

@@ -35,7 +35,11 @@ from .prefix_matmul import PrefixByMatmul, prompt_groups
 
 def _lastdim(t: torch.Tensor) -> torch.Tensor:
     """Fused kernels need unit stride in the head dim; any other strides are fine."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
 
 
 class FlashDense:
@@ -64,7 +68,7 @@ class FlashDense:
         rng, unused = self.state
         dq, dk, dv = self.kernels.flash_backward(
             _lastdim(dout.transpose(1, 2)), _lastdim(q.transpose(1, 2)), _lastdim(k.transpose(1, 2)),
-            _lastdim(v.transpose(1, 2)), _lastdim(out.transpose(1, 2)), lse.contiguous(),
+            _lastdim(v.transpose(1, 2)), _lastdim(out.transpose(1, 2)), _dense(lse),
             None, None, s, sk, self.causal, rng, unused, self.scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
@@ -152,7 +156,7 @@ class FlashVarlen:
             lse_rows = lse_rows.index_select(1, p.q_idx)
         dq, dk, dv = self.kernels.flash_backward(
             _pack(dout, p.q_idx), _pack(q, p.q_idx), _pack(k, p.k_idx), _pack(v, p.k_idx), _pack(out, p.q_idx),
-            lse_rows.contiguous(), p.cu_q, p.cu_k, p.max_q, p.max_k, self.causal, rng, unused, self.scale,
+            _dense(lse_rows), p.cu_q, p.cu_k, p.max_q, p.max_k, self.causal, rng, unused, self.scale,
         )
         return _unpack(dq, p.q_idx, b, s), _unpack(dk, p.k_idx, b, sk), _unpack(dv, p.k_idx, b, sk)
 
@@ -193,8 +197,7 @@ class EfficientBias:
         hkv, g = k.shape[1], h // k.shape[1]
         ke, ve, bias = self._expand(q, k, v)
         seed, offset = self.state
-        lse_k = torch.zeros(b, h, math.ceil(s / 32) * 32, dtype=torch.float32, device=q.device)  # the kernel's padded LSE
-        lse_k.narrow(-1, 0, s).copy_(lse)
+        lse_k = torch.nn.functional.pad(lse, (0, math.ceil(s / 32) * 32 - s))  # the kernel's padded LSE
         dq, dk, dv = self.kernels.efficient_backward(_lastdim(dout), _lastdim(q), ke, ve, bias, _lastdim(out), lse_k, seed, offset, self.scale)
         if g > 1:  # fold the repeated heads back onto their kv head
             dk, dv = dk.unflatten(1, (hkv, g)).sum(2), dv.unflatten(1, (hkv, g)).sum(2)
@@ -216,7 +219,7 @@ def sequence_part(x: AttentionInputs, kernels=CUDA_KERNELS):
             return FlashDense(kernels, x.causal, x.scale), None
         plan = _plan_for(x.key_padding, s, x.causal)
         # non-causal: an example without real keys sees only the prefix
-        dead = None if x.causal else (~x.key_padding.any(-1)).view(b, 1, 1)
+        dead = None if x.causal else x.key_padding.any(-1).logical_not().view(b, 1, 1)
         return FlashVarlen(kernels, plan, x.causal, x.scale), dead
     return EfficientBias(kernels, x.additive_bias(x.q.dtype, align=16), x.scale), x.dead_rows()
 

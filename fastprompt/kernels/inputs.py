@@ -99,11 +99,15 @@ class AttentionInputs:
         parts = [t for t in (vis, self.bias) if t is not None]
         lead = [max(t.shape[0] for t in parts), max(t.shape[1] for t in parts)]
         width = -(-sk // align) * align
-        out = torch.zeros(*lead, s, width, dtype=dtype, device=self.q.device).narrow(-1, 0, sk)
+        out = torch.zeros((), dtype=dtype, device=self.q.device).expand(*lead, s, sk)
         if self.bias is not None:
-            out.copy_(self.bias.expand(*lead, s, sk))
+            out = out + self.bias.to(dtype)
         if vis is not None:
-            out.masked_fill_(~vis.expand(*lead, s, sk), float("-inf"))
+            out = out.masked_fill(vis.logical_not(), float("-inf"))  # not ~: fake CUDA tensors refuse it
+        out = out.expand(*lead, s, sk)
+        if width != sk or out.stride(-1) != 1 or out.stride(-2) != sk:
+            # padded storage: every row starts at an aligned address (and the tensor is dense)
+            out = torch.nn.functional.pad(out, (0, width - sk)).narrow(-1, 0, sk)
         return out
 
     def dead_rows(self) -> torch.Tensor | None:
@@ -114,4 +118,4 @@ class AttentionInputs:
         if self.bias is not None:
             finite = self.bias > torch.finfo(self.bias.dtype).min / 2
             vis = finite if vis is None else vis & finite
-        return None if vis is None else ~vis.any(-1)
+        return None if vis is None else vis.any(-1).logical_not()

@@ -56,14 +56,14 @@ class PrefixPart(Protocol):
     def with_tensors(self, tensors) -> "PrefixPart": ...
 
 
-def merge(out_s, lse_s, out_p, lse_p, dead=None, out_like=None):
+def merge(out_s, lse_s, out_p, lse_p, dead=None):
     """The merged output and LSE of two partial attentions.
 
     out_s, out_p: (B, H, S, D); lse_s, lse_p: (B, H, S) float32 (lse_p finite: P >= 1).
     dead: bool broadcastable to (B, H, S), rows with no sequence key: their sequence part is
-    dropped whatever the kernel left there (0, NaN, any LSE). out_like: (B, H, S, D) tensor whose
-    strides the output takes (transformers' (B, S, H, D) memory layout); default out_s's.
-    Returns out (B, H, S, D) in out_s's dtype and LSE (B, H, S) float32.
+    dropped whatever the kernel left there (0, NaN, any LSE). Returns out (B, H, S, D) in out_s's
+    dtype and memory layout (transformers' (B, S, H, D) when the kernel wrote that) and LSE
+    (B, H, S) float32.
     """
     lse_s = lse_s.float()
     if dead is not None:
@@ -72,13 +72,11 @@ def merge(out_s, lse_s, out_p, lse_p, dead=None, out_like=None):
     lse = torch.logaddexp(lse_s, lse_p)
     w_s = torch.exp(lse_s - lse).unsqueeze(-1)
     w_p = torch.exp(lse_p - lse).unsqueeze(-1)
-    like = out_s if out_like is None else out_like
-    if out_s.dtype == torch.float32 and out_like is None and out_s._base is not None:
+    if out_s.dtype == torch.float32 and out_s._base is not None:
         # out_s is the kernel's own buffer (a view in transformers' layout): merge in place
         return out_s.mul_(w_s).addcmul_(out_p.float(), w_p), lse
-    out = torch.empty_like(like, dtype=out_s.dtype)  # empty_like keeps dense strides
-    out.copy_(out_s.float() * w_s + out_p.float() * w_p)
-    return out, lse
+    # elementwise results take out_s's layout; no copy_ (fake CUDA tensors refuse it in tests)
+    return (out_s.float() * w_s).addcmul_(out_p.float(), w_p).to(out_s.dtype), lse
 
 
 def _float_like(t: torch.Tensor) -> torch.Tensor:

@@ -55,36 +55,37 @@ def _chunks(n: int, hkv: int, p: int):
     return [(i, min(step, n - i)) for i in range(0, n, step)]
 
 
+def _cat(parts, dim):
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def _attend(qr, pk, pv, scale):
     """qr: (Hkv, N, D), pk, pv: (Hkv, P, D) -> out (Hkv, N, D) float32, LSE (Hkv, N) float32."""
     hkv, n, d = qr.shape
-    out = torch.empty(hkv, n, d, dtype=torch.float32, device=qr.device)
-    lse = torch.empty(hkv, n, dtype=torch.float32, device=qr.device)
+    outs, lses = [], []
     for i, m in _chunks(n, hkv, pk.shape[1]):
         s = _bmm32(qr.narrow(1, i, m), pk.transpose(1, 2)).mul_(scale)
         l = torch.logsumexp(s, -1)
         p = torch.exp(s.sub_(l.unsqueeze(-1)))
-        out.narrow(1, i, m).copy_(_bmm32(p.to(pv.dtype), pv))
-        lse.narrow(1, i, m).copy_(l)
-    return out, lse
+        outs.append(_bmm32(p.to(pv.dtype), pv))
+        lses.append(l)
+    return _cat(outs, 1), _cat(lses, 1)
 
 
 def _attend_backward(dor, qr, our, lser, pk, pv, scale):
     """Rows as in `_attend`, with the merged output our and LSE lser -> dq (Hkv, N, D) float32,
     dpk, dpv (Hkv, P, D) float32 summed over the rows."""
     hkv, n, d = qr.shape
-    dq = torch.empty(hkv, n, d, dtype=torch.float32, device=qr.device)
-    dpk = torch.zeros(pk.shape, dtype=torch.float32, device=qr.device)
-    dpv = torch.zeros(pv.shape, dtype=torch.float32, device=qr.device)
+    dqs, dpk, dpv = [], 0, 0
     for i, m in _chunks(n, hkv, pk.shape[1]):
         q_, do_ = qr.narrow(1, i, m), dor.narrow(1, i, m)
         p = torch.exp(_bmm32(q_, pk.transpose(1, 2)).mul_(scale).sub_(lser.narrow(1, i, m).unsqueeze(-1)))
         delta = (do_.float() * our.narrow(1, i, m).float()).sum(-1, keepdim=True)  # the full softmax's row term
-        dpv += _bmm32(p.to(do_.dtype).transpose(1, 2), do_)
+        dpv = dpv + _bmm32(p.to(do_.dtype).transpose(1, 2), do_)
         ds = p.mul_(_bmm32(do_, pv.transpose(1, 2)).sub_(delta)).to(q_.dtype)
-        dq.narrow(1, i, m).copy_(_bmm32(ds, pk).mul_(scale))
-        dpk += _bmm32(ds.transpose(1, 2), q_).mul_(scale)
-    return dq, dpk, dpv
+        dqs.append(_bmm32(ds, pk).mul_(scale))
+        dpk = dpk + _bmm32(ds.transpose(1, 2), q_).mul_(scale)
+    return _cat(dqs, 1), dpk, dpv
 
 
 class PrefixByMatmul:
@@ -109,7 +110,7 @@ class PrefixByMatmul:
         out = torch.empty(b, h, s, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
         for idx, t in self.groups:
-            o, l = _attend(_rows(q, hkv, idx), pk[t], pv[t], self.scale)
+            o, l = _attend(_rows(q, hkv, idx), pk.select(0, t), pv.select(0, t), self.scale)
             n = idx.numel()
             out.index_copy_(0, idx, _unrows(o, n, h, s))
             lse.index_copy_(0, idx, _unrows(l.unsqueeze(-1), n, h, s).squeeze(-1))
@@ -125,12 +126,15 @@ class PrefixByMatmul:
             )
             return _unrows(dq, b, h, s).to(q.dtype), dpk.to(pk.dtype), dpv.to(pv.dtype)
         dq = torch.zeros(b, h, s, d, dtype=q.dtype, device=q.device)
-        dpk, dpv = torch.zeros_like(pk), torch.zeros_like(pv)
+        gk, gv = {}, {}
         for idx, t in self.groups:
-            gq, gk, gv = _attend_backward(
+            gq, gk[t], gv[t] = _attend_backward(
                 _rows(dout, hkv, idx), _rows(q, hkv, idx), _rows(out, hkv, idx), _rows(lse4, hkv, idx).squeeze(-1),
-                pk[t], pv[t], self.scale,
+                pk.select(0, t), pv.select(0, t), self.scale,
             )
             dq.index_copy_(0, idx, _unrows(gq, idx.numel(), h, s).to(q.dtype))
-            dpk[t], dpv[t] = gk.to(pk.dtype), gv.to(pv.dtype)
+        # prompts no example used get zeros; each prompt's gradient is written once (deterministic)
+        zero = torch.zeros_like(pk.select(0, 0))
+        dpk = torch.stack([gk[t].to(pk.dtype) if t in gk else zero for t in range(pk.shape[0])])
+        dpv = torch.stack([gv[t].to(pv.dtype) if t in gv else zero for t in range(pv.shape[0])])
         return dq, dpk, dpv

@@ -64,30 +64,31 @@ def safetensors_source(folder) -> Source:
     return source
 
 
-def _quantised_linear(linear: nn.Linear, weight: torch.Tensor, bias, bits: int, compute_dtype):
+def _quantised_linear(linear: nn.Linear, weight: torch.Tensor, bias, bits: int, compute_dtype, device="cpu"):
     import bitsandbytes as bnb
 
     if bits == 8:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None, has_fp16_weights=False,
                                 threshold=0.0, device="meta")
-        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to("cpu")  # quantises
+        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)  # quantises
     else:
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None, compute_dtype=compute_dtype,
                               quant_type="nf4", device="meta")
         # no double quantisation of the absmax: transformers' BitsAndBytesConfig default
-        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=False, module=q).to("cpu")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=False, module=q).to(device)
     if bias is not None:
-        q.bias = nn.Parameter(bias, requires_grad=False)
+        q.bias = nn.Parameter(bias.to(device), requires_grad=False)
     return q
 
 
 def build_quantized(config, source: Source, bits: int = 8, auto_class=None, dtype: torch.dtype = torch.bfloat16,
-                    progress: Callable[[int, int], None] | None = None) -> nn.Module:
+                    progress: Callable[[int, int], None] | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """A transformers model with int8 (bits=8) or nf4 (bits=4) transformer-layer linears, built tensor by tensor.
 
     config: a transformers config; source: see the module docstring; auto_class: default
     AutoModelForCausalLM; dtype: of everything not quantised. progress(i, n) is called after
-    each layer. Peak memory is the quantised model plus one float tensor.
+    each layer. Peak memory is the quantised model plus one float tensor. device: where the
+    linears are quantised and kept ("cuda" quantises on the GPU; move the rest with `.to`).
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
@@ -107,7 +108,7 @@ def build_quantized(config, source: Source, bits: int = 8, auto_class=None, dtyp
                 w = source(f"{full}.weight", tuple(module.weight.shape), torch.float16 if bits == 8 else dtype)
                 b = source(f"{full}.bias", tuple(module.bias.shape), dtype) if module.bias is not None else None
                 parent, attr = _parent(layer, mname)
-                setattr(parent, attr, _quantised_linear(module, w, b, bits, dtype))
+                setattr(parent, attr, _quantised_linear(module, w, b, bits, dtype, device))
                 del w
         _fill(layer, prefix, source, dtype)
         gc.collect()

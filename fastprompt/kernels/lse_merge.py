@@ -61,7 +61,8 @@ def merge(out_s, lse_s, out_p, lse_p, dead=None):
 
     out_s, out_p: (B, H, S, D); lse_s, lse_p: (B, H, S) float32 (lse_p finite: P >= 1).
     dead: bool broadcastable to (B, H, S), rows with no sequence key: their sequence part is
-    dropped whatever the kernel left there (0, NaN, any LSE). Returns out (B, H, S, D) in out_s's
+    dropped whatever the kernel left there (0, NaN, any LSE). out_s is the sequence kernel's own
+    fresh buffer and may be overwritten (float32 merges in place). Returns out (B, H, S, D) in out_s's
     dtype and memory layout (transformers' (B, S, H, D) when the kernel wrote that) and LSE
     (B, H, S) float32.
     """
@@ -70,13 +71,14 @@ def merge(out_s, lse_s, out_p, lse_p, dead=None):
         lse_s = lse_s.masked_fill(dead, float("-inf"))
         out_s = torch.where(dead.unsqueeze(-1), 0.0, out_s)
     lse = torch.logaddexp(lse_s, lse_p)
-    w_s = torch.exp(lse_s - lse).unsqueeze(-1)
     w_p = torch.exp(lse_p - lse).unsqueeze(-1)
-    if out_s.dtype == torch.float32 and out_s._base is not None:
-        # out_s is the kernel's own buffer (a view in transformers' layout): merge in place
-        return out_s.mul_(w_s).addcmul_(out_p.float(), w_p), lse
-    # elementwise results take out_s's layout; no copy_ (fake CUDA tensors refuse it in tests)
-    return (out_s.float() * w_s).addcmul_(out_p.float(), w_p).to(out_s.dtype), lse
+    if out_s.dtype == torch.float32:
+        # out_s is the kernel's fresh buffer: merge in place, one pass (w_s = 1 - w_p)
+        return out_s.lerp_(out_p.float(), w_p), lse
+    # two passes, the casts fused into them; empty_like keeps out_s's layout (no copy_: fake CUDA
+    # tensors refuse it in tests)
+    out = torch.empty_like(out_s)
+    return torch.addcmul(out_s * torch.exp(lse_s - lse).unsqueeze(-1), out_p, w_p, out=out), lse
 
 
 def _float_like(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class MergedPrefixAttention(torch.autograd.Function):
             seq = seq.upcast()
         dq, dk, dv = seq.backward(dout, q, k, v, out, lse)
         dq_p, dpk, dpv = prefix.backward(dout, q, pk, pv, out, lse)
-        dq = dq + dq_p if dq.stride() != dq_p.stride() else dq.add_(dq_p)
+        dq = dq.add_(dq_p)  # dq is the kernel's fresh buffer
         if low is not None:
             dq, dk, dv, dpk, dpv = (t.to(low) for t in (dq, dk, dv, dpk, dpv))
         return dq, dk, dv, dpk, dpv, None, None, None, None

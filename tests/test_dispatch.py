@@ -74,3 +74,41 @@ def test_cuda_default_is_aten_and_refusals_fall_back_with_reasons(fake_gpu):
     c = _fake_choice()
     assert c.backend == "torch" and "compute capability (8, 0)" in c.refused["aten"]
     assert "runs only when named" in c.refused["triton"] or "not available" in c.refused["triton"]
+
+
+def test_prefer_puts_a_backend_first_and_restores_the_order():
+    q, kv, p = _t(1, 2, 3, 8, grad=True), _t(1, 2, 3, 8), _t(2, 2, 8)
+    before = {d: list(o) for d, o in PRIORITY.items()}
+    with __import__("fastprompt").ops.prefer("torch"):
+        assert explain_backend(q, kv, kv, p, p).backend == "torch"
+        assert PRIORITY["cuda"][0] == "torch"
+    assert PRIORITY == before and explain_backend(q, kv, kv, p, p).backend == "cpu"
+    with pytest.raises(ValueError, match="name must be one of"):
+        __import__("fastprompt").ops.prefer("flash")
+
+
+def test_a_patched_model_runs_the_preferred_backend(monkeypatch):
+    """A user routes a patched model's attention through another backend without touching it."""
+    import fastprompt
+    from conftest import model_inputs, output_tensor, tiny_model
+    from fastprompt.ops import dispatch
+
+    model = fastprompt.patch(tiny_model("llama"), method="ptv2", num_tokens=4)
+    used = []
+    real = dispatch.choose
+
+    def spy(x, name=None):
+        b, c = real(x, name)
+        used.append(b.name)
+        return b, c
+
+    import sys
+
+    monkeypatch.setattr(sys.modules["fastprompt.ops.prefix_attention"], "choose", spy)
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        fused = output_tensor(model(**inputs))
+        with fastprompt.ops.prefer("torch"):
+            plain = output_tensor(model(**inputs))
+    assert set(used[: len(used) // 2]) == {"cpu"} and set(used[len(used) // 2 :]) == {"torch"}
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

@@ -90,3 +90,27 @@ def runnable(device: str = "cpu", dtype=None, head_dim: int = 64, needs_grad: bo
     pkv = torch.zeros(1, 1, head_dim, dtype=dtype, device=device)
     x = AttentionInputs(q, kv, kv, pkv, pkv, None, None, None, None, False, head_dim**-0.5, 0.0)
     return [n for n, b in BACKENDS.items() if b.why_not(x) is None]
+
+
+class prefer:
+    """Context manager (or plain call) putting a backend first for its devices, e.g. to run a
+    patched model's attention through Triton: ``with fastprompt.ops.prefer("triton"): model(...)``.
+    As a plain call (``prefer("triton")``) the change lasts until ``.restore()``."""
+
+    def __init__(self, name: str):
+        if name not in BACKENDS:
+            raise ValueError(f"name must be one of {sorted(BACKENDS)}, got {name!r}")
+        self._saved = {dev: list(order) for dev, order in PRIORITY.items()}
+        for dev in BACKENDS[name].devices:
+            order = PRIORITY.setdefault(dev, list(DEFAULT_PRIORITY))
+            PRIORITY[dev] = [name] + [n for n in order if n != name]
+
+    def restore(self) -> None:
+        PRIORITY.clear()
+        PRIORITY.update(self._saved)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()

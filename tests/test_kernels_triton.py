@@ -174,3 +174,109 @@ def test_compiles_for_gpu_without_spills(compiled, case, record_property):
     assert c["registers"] > 0, c
     assert c["spill_stores"] == 0 and c["spill_loads"] == 0, f"register spills: {report}"
     assert c["shared"] <= SMEM_LIMIT[c["cc"]], f"shared memory overflow: {report}"
+
+
+# ------------------------------------------------- through the public op (CPU tensors: the interpreter)
+
+COMPOSED = [
+    # b, h, hkv, s, sk, p, d, mask kind, bank
+    (3, 4, 2, 50, 50, 7, 40, "right-padding", 0),
+    (3, 4, 4, 33, 33, 5, 16, "left-padding", 3),
+    (2, 4, 1, 1, 40, 7, 16, "left-padding", 0),  # decode against a padded cache
+    (2, 4, 2, 9, 30, 7, 16, "dense", 2),  # chunked prefill, dense mask + causal
+]
+
+
+@pytest.mark.parametrize("case", COMPOSED, ids=[f"{c[7]}-S{c[3]}-Sk{c[4]}-bank{c[8]}" for c in COMPOSED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_public_op_backend_triton_masks_compose_with_causal(case, dtype):
+    """backend="triton" through fastprompt.ops.prefix_attention (on CPU tensors under the
+    interpreter): key padding or a dense mask AND causal, banks, GQA, odd sizes."""
+    _kernels()  # the interpreter's bf16/cast fixes; the public op then runs the same module
+    from fastprompt.ops import prefix_attention
+
+    b, h, hkv, s, sk, p, d, kind, bank = case
+    q, k, v, pk, pv = _make(b, h, hkv, s, sk, p, d, dtype, bank=bank)
+    ids = torch.tensor([(2 * i + 1) % bank for i in range(b)], device=_device()) if bank else None
+    causal = torch.arange(sk)[None] <= torch.arange(s)[:, None] + (sk - s)
+    g = torch.Generator().manual_seed(4)
+    if kind == "dense":
+        mask = torch.rand(b, 1, s, sk, generator=g) > 0.3
+        visible = mask & causal
+    else:
+        mask = torch.ones(b, sk, dtype=torch.bool)
+        if kind == "right-padding":
+            mask[1, sk - 9 :], mask[-1, 3:] = False, False
+        else:
+            mask[1, :4], mask[-1, : sk - 2] = False, False
+        visible = mask[:, None, None, :] & causal
+        if s > 1:
+            visible = visible & mask[:, sk - s :][:, None, :, None]
+    mask = mask.to(_device())
+    out = prefix_attention(q, k, v, pk, pv, prompt_ids=ids, mask=mask, causal=True, backend="triton")
+    ref = _reference(q, k, v, pk, pv, ids, visible.to(_device()), None, d**-0.5)
+    tol = 2e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), ref.double(), atol=tol, rtol=tol)
+    w = torch.randn_like(ref)
+    got = torch.autograd.grad((out.double() * w).sum(), (q, k, v, pk, pv))
+    want = torch.autograd.grad((ref.double() * w).sum(), (q, k, v, pk, pv))
+    for name, a, e in zip("q k v prefix_k prefix_v".split(), got, want):
+        torch.testing.assert_close(a.double(), e.double(), atol=10 * tol, rtol=10 * tol, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_public_op_refuses_bf16_under_the_interpreter_and_says_why():
+    from fastprompt.ops import explain_backend
+
+    q, k, v, pk, pv = _make(1, 2, 2, 4, 4, 3, 16, torch.bfloat16)
+    if ON_GPU:
+        pytest.skip("the interpreter's refusal concerns CPU tensors")
+    c = explain_backend(q, k, v, pk, pv, backend="cpu")
+    assert "issue #11584" in c.refused["triton"]
+
+
+@pytest.mark.parametrize("bank", [0, 3])
+def test_deterministic_prefix_gradients_equal_the_atomic_ones_and_repeat_bit_for_bit(bank):
+    """config deterministic=True: per-example fp32 partial gradients reduced after the kernel,
+    the same values as the atomics (to fp32 rounding) and identical from run to run; it is the
+    default under torch.use_deterministic_algorithms(True)."""
+    kern = _kernels()
+    q, k, v, pk, pv = (t.detach() for t in _make(4, 4, 2, 20, 20, 7, 16, torch.float32, bank=bank))
+    ids = torch.tensor([2, 0, 2, 2], device=_device()) if bank else None
+    out, lse = kern.prefix_attention_forward(q, k, v, pk, pv, ids, None, None, True)
+    do = torch.randn_like(out)
+    run = lambda det: kern.prefix_attention_backward(do, q, k, v, pk, pv, out, lse, ids, None, None, True, config={"deterministic": det})  # noqa: E731
+    atomic, det1, det2 = run(False), run(True), run(True)
+    for a, b_ in zip(atomic, det1):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b_) for a, b_ in zip(det1, det2))
+    if bank:
+        assert det1[3][1].abs().sum() == 0  # prompt 1 unused
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        default = kern.prefix_attention_backward(do, q, k, v, pk, pv, out, lse, ids, None, None, True)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert all(torch.equal(a, b_) for a, b_ in zip(default, det1))
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"BLOCK_M": 8}, r"config\['BLOCK_M'\] must be a power of two >= 16"),
+    ({"BLOCK_N": 24}, r"config\['BLOCK_N'\] must be a power of two >= 16"),
+    ({"num_warps": 3}, r"config\['num_warps'\] must be 1, 2, 4, 8 or 16"),
+    ({"BLOCKM": 32}, r"config keys must be among"),
+])
+def test_a_bad_config_is_refused_before_launch(config, match):
+    kern = _kernels()
+    q, k, v, pk, pv = (t.detach() for t in _make(1, 2, 2, 4, 4, 3, 16, torch.float32))
+    with pytest.raises(ValueError, match=match):
+        kern.prefix_attention_forward(q, k, v, pk, pv, config=config)
+
+
+def test_out_of_range_prompt_ids_are_refused_before_any_kernel_reads_the_bank():
+    _kernels()
+    from fastprompt.ops import prefix_attention
+
+    q, k, v, pk, pv = _make(2, 2, 2, 4, 4, 3, 16, torch.float32, bank=2)
+    with pytest.raises(ValueError, match=r"prompt_ids must lie in \[0, 2\)"):
+        prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0, 2], device=_device()), backend="triton")

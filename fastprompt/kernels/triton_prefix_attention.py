@@ -20,6 +20,8 @@ aligned. Both apply to the sequence keys only: the prefix is visible to every qu
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -47,14 +49,16 @@ def _tile(base, offs_r, n_rows, stride_r, offs_d, D):
 
 @triton.jit
 def _query_program(Ids, H, G, HAS_BANK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's query block: (block index, b*H+h, b, h, kv head, prompt index, row offsets)."""
+    """This program's query block: (block index, b*H+h, b, h, kv head, prompt index, row offsets).
+    The batch, head and prompt indices are int64: base offsets such as b * stride pass 2^31
+    elements on large batches (a B*S*Sk mask at B=16, S=Sk=12k)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     t = pid_bh * 0
     if HAS_BANK:
-        t = tl.load(Ids + b).to(tl.int32)
+        t = tl.load(Ids + b).to(tl.int64)
     return pid_m, pid_bh, b, h, h // G, t, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
 
@@ -75,7 +79,7 @@ def _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn,
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (SK - S))
     if HAS_MASK:
-        mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+        mptr = Mask + b * smb + h * smh + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn
         m = tl.load(mptr, mask=(offs_m[:, None] < S) & (offs_n[None, :] < SK), other=0)
         valid = valid & (m != 0)
     return valid
@@ -83,7 +87,7 @@ def _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn,
 
 @triton.jit
 def _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn):
-    ptr = Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn
+    ptr = Bias + b * sbb + h * sbh + offs_m[:, None].to(tl.int64) * sbm + offs_n[None, :] * sbn
     return tl.load(ptr, mask=(offs_m[:, None] < S) & (offs_n[None, :] < SK), other=0.0).to(tl.float32) * 1.4426950408889634
 
 
@@ -155,7 +159,7 @@ def _fwd_kernel(
 def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sdb, sdh, sdm, H, S, D,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -231,16 +235,20 @@ def _bwd_dkdv(
     H, G, S, SK, P, D, NP_BLOCKS, qk_scale, sm_scale,
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DETERMINISTIC: tl.constexpr = False,
 ):
-    """Key blocks [0, NP_BLOCKS) are prefix blocks, the rest sequence blocks, of one (batch, kv head)."""
+    """Key blocks [0, NP_BLOCKS) are prefix blocks, the rest sequence blocks, of one (batch, kv head).
+    Prefix gradients: atomically added into the (T, Hkv, P, D) fp32 buffer, or with DETERMINISTIC
+    stored into a per-example (B, Hkv, P, D) one (each (b, kv head, block) has one program),
+    reduced after the kernel in a fixed order."""
     pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    pid_bk = tl.program_id(1).to(tl.int64)  # int64 offsets, as in _query_program
     Hkv = H // G
     b = pid_bk // Hkv
     hkv = pid_bk % Hkv
-    t = 0
+    t = pid_bk * 0
     if HAS_BANK:
-        t = tl.load(Ids + b).to(tl.int32)
+        t = tl.load(Ids + b).to(tl.int64)
     is_prefix = pid_n < NP_BLOCKS
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < D
@@ -285,10 +293,15 @@ def _bwd_dkdv(
     dk = dk * sm_scale
     ok = n_ok[:, None] & d_ok
     if is_prefix:
-        # the batch (and the examples sharing a prompt) reduce here, into one fp32 prefix buffer
-        dst = t * (Hkv * P * D) + hkv * (P * D) + offs_n[:, None] * D + offs_d[None, :]
-        tl.atomic_add(DPK + dst, dk, mask=ok)
-        tl.atomic_add(DPV + dst, dv, mask=ok)
+        if DETERMINISTIC:
+            dst = b * (Hkv * P * D) + hkv * (P * D) + offs_n[:, None] * D + offs_d[None, :]
+            tl.store(DPK + dst, dk, mask=ok)
+            tl.store(DPV + dst, dv, mask=ok)
+        else:
+            # the batch (and the examples sharing a prompt) reduce here, into one fp32 prefix buffer
+            dst = t * (Hkv * P * D) + hkv * (P * D) + offs_n[:, None] * D + offs_d[None, :]
+            tl.atomic_add(DPK + dst, dk, mask=ok)
+            tl.atomic_add(DPV + dst, dv, mask=ok)
     else:
         dst = b * (Hkv * SK * D) + hkv * (SK * D) + offs_n[:, None] * D + offs_d[None, :]
         tl.store(DK + dst, dk.to(DK.dtype.element_ty), mask=ok)
@@ -309,6 +322,32 @@ def default_config(dtype: torch.dtype, head_dim: int) -> dict:
     if head_dim > 64:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     return dict(DEFAULT_CONFIG)
+
+
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "num_warps", "num_warps_dkdv", "num_stages", "deterministic"}
+
+
+def _config(dtype: torch.dtype, head_dim: int, user: dict | None) -> dict:
+    """The default config with the user's keys over it, validated: tl.dot needs every block
+    dimension >= 16 (and a power of two)."""
+    user = dict(user or {})
+    unknown = set(user) - _CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"config keys must be among {sorted(_CONFIG_KEYS)}, got {sorted(unknown)}")
+    config = {**default_config(dtype, head_dim), **user}
+    for key in ("BLOCK_M", "BLOCK_N"):
+        v = config[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"config[{key!r}] must be a power of two >= 16 (tl.dot's smallest tile), got {v!r}")
+    for key in ("num_warps", "num_warps_dkdv"):
+        if key in config and config[key] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"config[{key!r}] must be 1, 2, 4, 8 or 16, got {config[key]!r}")
+    return config
+
+
+def _device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one (device_map='auto' spreads layers over GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _s3(x: torch.Tensor):
@@ -360,9 +399,23 @@ def _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
     )
 
 
+def _reduce_per_prompt(partial: torch.Tensor, prompt_ids: torch.Tensor | None, n_prompts: int) -> torch.Tensor:
+    """(B, Hkv, P, D) per-example gradients -> (T, Hkv, P, D): a sum, or a one-hot matrix product
+    for a bank (both deterministic on CUDA, unlike index_add_)."""
+    if prompt_ids is None:
+        return partial.sum(0, keepdim=True)
+    onehot = torch.nn.functional.one_hot(prompt_ids, n_prompts).to(partial.dtype).t()  # (T, B)
+    return (onehot @ partial.flatten(1)).view(n_prompts, *partial.shape[1:])
+
+
 def prefix_attention_forward(q, k, v, pk, pv, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None):
-    """Launches the forward kernel. Returns (out (B, H, S, D), lse2 (B, H, S) fp32, base 2)."""
-    config = {**default_config(q.dtype, q.shape[-1]), **(config or {})}
+    """Launches the forward kernel on q's device. Returns (out (B, H, S, D), lse2 (B, H, S) fp32, base 2)."""
+    with _device(q):
+        return _forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
+
+
+def _forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
+    config = _config(q.dtype, q.shape[-1], config)
     q, k, v, pk, pv = (_unit_last(t) for t in (q, k, v, pk, pv))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
@@ -380,8 +433,15 @@ def prefix_attention_forward(q, k, v, pk, pv, prompt_ids=None, mask=None, bias=N
 
 
 def prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None):
-    """Launches the backward kernels. Returns dq, dk, dv, dpk, dpv (prefix grads reduced over the batch)."""
-    config = {**default_config(q.dtype, q.shape[-1]), **(config or {})}
+    """Launches the backward kernels on q's device. Returns dq, dk, dv, dpk, dpv (prefix grads
+    reduced over the batch; deterministically when config["deterministic"] or, by default, when
+    torch.use_deterministic_algorithms(True) is on)."""
+    with _device(q):
+        return _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, scale, config)
+
+
+def _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, scale, config):
+    config = _config(q.dtype, q.shape[-1], config)
     q, k, v, pk, pv, out, do = (_unit_last(t) for t in (q, k, v, pk, pv, out, do))
     if torch.empty_like(q).stride() != q.stride():
         q = q.contiguous()  # _bwd_dq writes dq with q's strides: q must be dense
@@ -399,13 +459,20 @@ def prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids=None, ma
     )
     dk = torch.empty(b, hkv, sk, d, dtype=k.dtype, device=k.device)
     dv = torch.empty(b, hkv, sk, d, dtype=v.dtype, device=v.device)
-    dpk = torch.zeros(c["pkb"].shape, dtype=torch.float32, device=q.device)
-    dpv = torch.zeros(c["pvb"].shape, dtype=torch.float32, device=q.device)
+    deterministic = config.get("deterministic")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    buf = (b, *c["pkb"].shape[1:]) if deterministic else c["pkb"].shape
+    dpk = torch.zeros(buf, dtype=torch.float32, device=q.device)
+    dpv = torch.zeros(buf, dtype=torch.float32, device=q.device)
     n_prefix_blocks = triton.cdiv(p, bn)
     _bwd_dkdv[(n_prefix_blocks + triton.cdiv(sk, bn), b * hkv)](
         q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], do, lse, delta, dk, dv, dpk, dpv, *strides,
-        h, h // hkv, s, sk, p, d, n_prefix_blocks, c["qk_scale"], scale, **{**c["flags"], "num_warps": c["dkdv_warps"]},
+        h, h // hkv, s, sk, p, d, n_prefix_blocks, c["qk_scale"], scale,
+        DETERMINISTIC=bool(deterministic), **{**c["flags"], "num_warps": c["dkdv_warps"]},
     )
+    if deterministic:  # per-example partial gradients -> per prompt, in a fixed order
+        dpk, dpv = _reduce_per_prompt(dpk, prompt_ids, c["pkb"].shape[0]), _reduce_per_prompt(dpv, prompt_ids, c["pkb"].shape[0])
     if pk.dim() == 3:
         dpk, dpv = dpk[0], dpv[0]
     return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype)

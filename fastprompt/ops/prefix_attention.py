@@ -44,9 +44,12 @@ def prefix_attention_inputs(
             prompt_ids.dim() == 1 and prompt_ids.shape[0] == b and prompt_ids.dtype in (torch.int64, torch.int32),
             f"prompt_ids must be an integer tensor of shape ({b},), got {prompt_ids.dtype} {tuple(prompt_ids.shape)}",
         )
-        if prompt_ids.device.type == "cpu":  # a range check on GPU would sync; the gather there is bounds-checked
-            n = prefix_k.shape[0]
-            _check(bool(((prompt_ids >= 0) & (prompt_ids < n)).all()), f"prompt_ids must lie in [0, {n}), got {prompt_ids.tolist()}")
+        n = prefix_k.shape[0]
+        in_range = ((prompt_ids >= 0) & (prompt_ids < n)).all()
+        if prompt_ids.device.type == "cpu":
+            _check(bool(in_range), f"prompt_ids must lie in [0, {n}), got {prompt_ids.tolist()}")
+        else:  # no host sync: a device-side assert stops the stream before any kernel reads the bank
+            torch._assert_async(in_range, f"prompt_ids must lie in [0, {n}) (the bank has {n} prompts)")
         prompt_ids = prompt_ids.long()
     _check(prefix_k.shape[-3] == hkv and prefix_k.shape[-1] == d, f"prefix_k must have Hkv={hkv} heads and D={d}, got {tuple(prefix_k.shape)}")
     _check(prefix_k.shape[-2] > 0, "the prefix must have at least one position")

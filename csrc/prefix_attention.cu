@@ -87,9 +87,9 @@ __global__ void prefix_attention_fwd_kernel(FastpromptPrefixAttentionParams p) {
 
   RowState st;
   const T* pk = static_cast<const T*>(p.prefix_k) + t * p.prefix_stride[0] + hkv * p.prefix_stride[1];
-  const T* pv = static_cast<const T*>(p.prefix_v) + t * p.prefix_stride[0] + hkv * p.prefix_stride[1];
+  const T* pv = static_cast<const T*>(p.prefix_v) + t * p.prefix_v_stride[0] + hkv * p.prefix_v_stride[1];
   for (int n = 0; n < p.prefix_len; ++n) {
-    attend(st, qf, pk + n * p.prefix_stride[2], pv + n * p.prefix_stride[2], p.head_dim, lane, 0.f);
+    attend(st, qf, pk + n * p.prefix_stride[2], pv + n * p.prefix_v_stride[2], p.head_dim, lane, 0.f);
   }
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];

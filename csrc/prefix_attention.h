@@ -23,7 +23,7 @@ typedef struct FastpromptPrefixAttentionParams {
   const void* bias;           // float32, or null
   void* out;
   float* lse;
-  int64_t q_stride[3], k_stride[3], v_stride[3], prefix_stride[3], out_stride[3];
+  int64_t q_stride[3], k_stride[3], v_stride[3], prefix_stride[3], prefix_v_stride[3], out_stride[3];
   int64_t mask_stride[4], bias_stride[4];
   int batch, heads, kv_heads, seq_q, seq_k, prefix_len, head_dim;
   int causal;

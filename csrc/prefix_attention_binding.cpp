@@ -9,16 +9,20 @@
 #include "prefix_attention.h"
 
 #ifdef FASTPROMPT_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's CUDA headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE): the
+// binding then compiles against an nvcc-only toolkit, and the tests check it does
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 extern "C" int fastprompt_prefix_attention_fwd(const FastpromptPrefixAttentionParams* params, cudaStream_t stream);
 #endif
 
 namespace {
 
-void check_cuda(const at::Tensor& t, const char* name) {
+void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.is_cuda(), "fastprompt cuda backend: ", name, " must be a CUDA tensor, got a tensor on ", t.device(),
               " (use backend='cpu' or 'torch' for CPU tensors)");
+  TORCH_CHECK(t.device() == q.device(), "fastprompt cuda backend: ", name, " is on ", t.device(), ", q on ", q.device());
   TORCH_CHECK(t.stride(-1) == 1, "fastprompt cuda backend: ", name, " must have a contiguous last (head) dimension");
 }
 
@@ -35,11 +39,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& prefix_v, const c10::optional<at::Tensor>& prompt_ids,
                                 const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& bias, bool causal,
                                 double scale) {
-  check_cuda(q, "q");
-  check_cuda(k, "k");
-  check_cuda(v, "v");
-  check_cuda(prefix_k, "prefix_k");
-  check_cuda(prefix_v, "prefix_v");
+  check_cuda(q, "q", q);
+  check_cuda(k, "k", q);
+  check_cuda(v, "v", q);
+  check_cuda(prefix_k, "prefix_k", q);
+  check_cuda(prefix_v, "prefix_v", q);
+  TORCH_CHECK(!(at::GradMode::is_enabled() &&
+                (q.requires_grad() || k.requires_grad() || v.requires_grad() || prefix_k.requires_grad() || prefix_v.requires_grad())),
+              "fastprompt cuda backend: forward only (inference; it has no backward): run under torch.no_grad(), "
+              "or train with backend='aten' or 'triton'");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "fastprompt cuda backend: q, k, v must be 4-D");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && prefix_k.scalar_type() == q.scalar_type(),
               "fastprompt cuda backend: q, k, v and the prefix must share one dtype");
@@ -50,6 +58,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 #ifndef FASTPROMPT_WITH_CUDA
   TORCH_CHECK(false, "fastprompt cuda backend: this build has no CUDA kernels (it was built against a CPU-only torch)");
 #else
+  const c10::cuda::CUDAGuard guard(q.device());  // launch on q's GPU, not the current one
   FastpromptPrefixAttentionParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -77,6 +86,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   strides3(k, p.k_stride);
   strides3(v, p.v_stride);
   strides3(pk, p.prefix_stride);
+  strides3(pv, p.prefix_v_stride);
   strides3(out, p.out_stride);
   p.batch = q.size(0);
   p.heads = q.size(1);
@@ -88,7 +98,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   p.causal = causal ? 1 : 0;
   p.scale = static_cast<float>(scale);
   p.dtype = q.scalar_type() == at::kFloat ? FASTPROMPT_F32 : q.scalar_type() == at::kHalf ? FASTPROMPT_F16 : FASTPROMPT_BF16;
-  const int rc = fastprompt_prefix_attention_fwd(&p, at::cuda::getCurrentCUDAStream());
+  const int rc = fastprompt_prefix_attention_fwd(&p, c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
   TORCH_CHECK(rc == 0, "fastprompt cuda backend: launch failed with code ", rc);
 #endif
   return {out, lse};

@@ -151,7 +151,7 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 KERNEL_NAMES = ["_fwd_kernel", "_bwd_preprocess", "_bwd_dq", "_bwd_dkdv"]
 COMPILE_CASES = [
     {"kernel": k, "dtype": dt, "head_dim": d, "cc": cc}
-    for k in KERNEL_NAMES for dt, d in (("fp16", 64), ("bf16", 128), ("fp32", 64)) for cc in (80, 90)
+    for k in KERNEL_NAMES for dt, d in (("fp16", 64), ("bf16", 64), ("fp16", 128), ("bf16", 128), ("fp32", 64)) for cc in (80, 90)
 ]
 
 
@@ -168,10 +168,13 @@ def test_compiles_for_gpu_without_spills(compiled, case, record_property):
     c = compiled[(case["kernel"], case["dtype"], case["head_dim"], case["cc"])]
     assert "error" not in c, c.get("error")
     report = (f"{c['kernel']} {c['dtype']} D={c['head_dim']} sm_{c['cc']}: {c['registers']} registers, "
-              f"{c['spill_stores']} B spill stores, {c['spill_loads']} B spill loads, stack {c['stack']} B, shared {c['shared']} B")
+              f"{c['spill_stores']} B spill stores, {c['spill_loads']} B spill loads, stack {c['stack']} B, shared {c['shared']} B, "
+              f"cp.async {c['cp_async']}")
     print(report)
     record_property("resources", report)
     assert c["registers"] > 0, c
+    # compiled as a real launch specialises it: 16-divisible pointers and strides
+    assert "Out" in c["divisible_args"] or "DQ" in c["divisible_args"] or "Delta" in c["divisible_args"], c["divisible_args"]
     assert c["spill_stores"] == 0 and c["spill_loads"] == 0, f"register spills: {report}"
     assert c["shared"] <= SMEM_LIMIT[c["cc"]], f"shared memory overflow: {report}"
 

@@ -1,7 +1,13 @@
-"""Subprocess helper for tests: lowers the Triton kernels for real GPU targets (no GPU needed).
+"""Subprocess helper for tests: lowers the Triton kernels for real GPU targets (no GPU needed),
+specialised exactly as triton's JIT specialises a real launch.
+
+The Python launchers run on CPU tensors with the kernels replaced by recorders; each recorded
+launch's arguments go through triton's own specialisation (`native_specialize_impl`: i32/i64 by
+value, divisibility by 16 for pointers and ints, ints equal to 1 as constants), and the kernel is
+compiled with that signature and those attributes, as `kernel[grid](...)` would on a GPU.
 
 argv: cases.json, a scratch folder. Prints one JSON line: the cases with "registers", "spill_stores",
-"spill_loads", "stack" (ptxas -v) and "shared" (triton's metadata), or "error".
+"spill_loads", "stack" (ptxas -v), "shared" (triton's metadata), "cp_async" and "divisible_args", or "error".
 """
 
 import inspect
@@ -19,53 +25,91 @@ from triton_harness import ptxas_report  # noqa: E402
 
 from fastprompt.kernels import triton_prefix_attention as kern  # noqa: E402
 
-FLOAT_PTRS = {"Q", "K", "V", "PK", "PV", "Out", "DO", "DQ", "DK", "DV", "Bias"}
-FP32_PTRS = {"Lse", "Delta", "DPK", "DPV"}
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `rec[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
 
 
-def signature(fn, dtype, flags):
-    sig, constexprs = {}, {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in flags:
-            constexprs[name] = flags[name]
-        elif name in ("HAS_BANK", "HAS_MASK", "HAS_BIAS", "CAUSAL", "FP32_IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_D"):
+def recorded_launches(dtype, head_dim, config=None):
+    """{kernel name: (fn, args, kwargs)} of one real forward + backward launched by the Python
+    launchers (with a bank, a padding mask and causal) on CPU tensors of a realistic shape in
+    transformers' layout; the kernels themselves are replaced by recorders."""
+    calls = []
+    names = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dq", "_bwd_dkdv")
+    saved = {n: getattr(kern, n) for n in names}
+    for n in names:
+        setattr(kern, n, _Recorder(saved[n], calls))
+    try:
+        b, h, hkv, s, p = 2, 8, 2, 256, 32
+
+        def bshd(n_heads):
+            return torch.randn(b, s, n_heads, head_dim).to(dtype).transpose(1, 2)
+
+        q, k, v = bshd(h), bshd(hkv), bshd(hkv)
+        pk, pv = torch.randn(3, hkv, p, head_dim).to(dtype), torch.randn(3, hkv, p, head_dim).to(dtype)
+        ids = torch.tensor([2, 0])
+        mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
+        mask[1, ..., :17] = False
+        out = torch.empty(b, s, h, head_dim, dtype=dtype).transpose(1, 2)
+        lse = torch.empty(b, h, s, dtype=torch.float32)
+        kern.prefix_attention_forward(q, k, v, pk, pv, ids, mask, None, True, config=config)
+        kern.prefix_attention_backward(torch.randn_like(q), q, k, v, pk, pv, out, lse, ids, mask, None, True, config=config)
+    finally:
+        for n in names:
+            setattr(kern, n, saved[n])
+    return {fn.fn.__name__: (fn, args, kwargs) for fn, args, kwargs in calls}
+
+
+def jit_specialisation(fn, args, kwargs):
+    """(signature, constexprs, attrs, options) as triton's JIT builds them for this launch:
+    pointer and int arguments divisible by 16 get tt.divisibility=16, ints equal to 1 become
+    constants, i32 or i64 by value (triton's own native_specialize_impl decides)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    params = list(inspect.signature(fn.fn).parameters.values())
+    bound = dict(zip([p.name for p in params], args))
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    bound.update({k: v for k, v in kwargs.items() if k not in options})
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(params):
+        value = bound[p.name] if p.name in bound else p.default
+        if "constexpr" in str(p.annotation):
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
             continue
-        elif name in FLOAT_PTRS:
-            sig[name] = "*" + dtype
-        elif name in FP32_PTRS:
-            sig[name] = "*fp32"
-        elif name == "Ids":
-            sig[name] = "*i64"
-        elif name == "Mask":
-            sig[name] = "*i8"
-        elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig, constexprs
+        ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[p.name] = key
+        elif isinstance(key, str):
+            attrs[(i,)] = BaseBackend.parse_attr(key)
+    return signature, constexprs, attrs, options
 
 
 def main():
     cases = json.loads(Path(sys.argv[1]).read_text())
     tmp = Path(sys.argv[2])
+    launches = {}
     for c in cases:
-        fn = getattr(kern, c["kernel"])
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[c["dtype"]]
-        default = kern.default_config(dtype, c["head_dim"])
-        config = {k: v for k, v in default.items() if k.startswith("BLOCK")}
-        options = {"num_warps": default["num_warps"], "num_stages": default["num_stages"]}
-        if c["kernel"] == "_bwd_dkdv":
-            options["num_warps"] = default.get("num_warps_dkdv", default["num_warps"])
-        if c["kernel"] == "_bwd_preprocess":
-            config = {"BLOCK_M": kern.PRE_BLOCK_M}
-            options = {"num_warps": 4}
-        flags = dict(HAS_BANK=True, HAS_MASK=True, HAS_BIAS=False, CAUSAL=True, FP32_IEEE=c["dtype"] == "fp32",
-                     BLOCK_D=kern._block_d(c["head_dim"]), **config)
+        key = (c["dtype"], c["head_dim"], json.dumps(c.get("config")))
         try:
-            sig, constexprs = signature(fn, c["dtype"], flags)
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", c["cc"], 32), options=options)
+            if key not in launches:
+                launches[key] = recorded_launches(dtype, c["head_dim"], c.get("config"))
+            fn, args, kwargs = launches[key][c["kernel"]]
+            sig, constexprs, attrs, options = jit_specialisation(fn, args, kwargs)
+            c["divisible_args"] = sorted(fn.arg_names[i[0]] for i, a in attrs.items() if a)
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                                      target=GPUTarget("cuda", c["cc"], 32), options=options)
             c.update(ptxas_report(compiled.asm["ptx"], c["cc"], tmp))
             c["shared"] = compiled.metadata.shared
+            c["cp_async"] = "cp.async" in compiled.asm["ptx"]
         except Exception as e:  # reported per case, the test names it
             c["error"] = f"{type(e).__name__}: {e}"[:2000]
     print(json.dumps(cases))

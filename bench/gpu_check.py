@@ -63,6 +63,7 @@ class Sizes:
         if smoke:
             self.device = "cpu"
             self.backends = ["cpu", "aten-reference", "torch"]
+            self.inference_backends = []
             self.seqs = [16, 33]
             self.heads = [(4, 2), (4, 4)]
             self.head_dims = [16, 32]
@@ -77,6 +78,7 @@ class Sizes:
         else:
             self.device = "cuda"
             self.backends = ["aten", "triton"]
+            self.inference_backends = ["cuda"]  # forward-only: timed without gradients
             self.seqs = [128, 1000, 2048, 4096]
             self.heads = [(32, 8), (16, 16)]
             self.head_dims = [64, 128]
@@ -331,6 +333,8 @@ def _timing_impls(sz: Sizes):
 
     impls["sdpa_concat"] = sdpa_concat
     impls["sequence_only"] = sequence_only
+    for name in sz.inference_backends:  # forward-only backends: their fwd rows only
+        impls[name] = (lambda op: lambda q, k, v, pk, pv, c: op(q, k, v, pk, pv, causal=c))(_op(name))
     if sz.device == "cuda":
         try:
             from flash_attn import flash_attn_func
@@ -357,6 +361,10 @@ def timing(sz: Sizes) -> list[dict]:
             try:
                 with torch.no_grad():
                     row["fwd_s"] = bench(lambda: fn(q, k, v, pk, pv, causal))
+                if name in sz.inference_backends:
+                    base[name] = row
+                    rows.append(row)
+                    continue
                 row["fwd_bwd_s"] = bench(lambda: torch.autograd.grad(fn(q, k, v, pk, pv, causal), (q, k, v, pk, pv), dout, allow_unused=True))
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
@@ -371,6 +379,7 @@ def timing(sz: Sizes) -> list[dict]:
             print(f"  {row['impl']:<20} B{b} H{h}/{hkv} S{s} P{p} D{d}: fwd {row.get('fwd_s', float('nan')) * 1e3:8.3f} ms "
                   f"fwd+bwd {row.get('fwd_bwd_s', float('nan')) * 1e3:8.3f} ms  x sdpa_concat {row.get('fwd_bwd_s_x_sdpa_concat', float('nan')):.2f} "
                   f" x sequence_only {row.get('fwd_bwd_s_x_sequence_only', float('nan')):.2f} {row.get('error', '')}", flush=True)
+    rows.append(_winners(rows, sz))
     # decode: one new token per example against a long cache
     dc = sz.decode
     q, k, v, pk, pv = (t.detach() for t in _inputs(dc["b"], dc["h"], dc["hkv"], 1, dc["sk"], dc["p"], dc["d"], torch.bfloat16, sz.device))
@@ -390,6 +399,30 @@ def timing(sz: Sizes) -> list[dict]:
         print(f"  decode {row['impl']:<13} S=1 Sk={dc['sk']}: {row.get('fwd_s', float('nan')) * 1e6:9.1f} us "
               f"x sdpa_concat {row.get('fwd_s_x_sdpa_concat', float('nan')):.2f} {row.get('error', '')}", flush=True)
     return rows
+
+
+def _winners(rows, sz):
+    """For each timed shape and pass, the fastest fastprompt backend, and the rows the dispatcher's
+    TRITON_MEASURED_FASTER table would take from this run (paste them there to act on them)."""
+    ours = set(sz.backends) | set(sz.inference_backends)
+    table, triton_rows = [], []
+    shapes = sorted({(r["B"], r["H"], r["Hkv"], r["S"], r["P"], r["D"], r["causal"]) for r in rows if "S" in r and not r.get("decode")})
+    for shape in shapes:
+        here = [r for r in rows if (r.get("B"), r.get("H"), r.get("Hkv"), r.get("S"), r.get("P"), r.get("D"), r.get("causal")) == shape and r.get("impl") in ours]
+        for key in ("fwd_s", "fwd_bwd_s"):
+            timed = [r for r in here if key in r]
+            if not timed:
+                continue
+            best = min(timed, key=lambda r: r[key])
+            table.append({"shape": shape, "pass": key, "fastest": best["impl"], "times": {r["impl"]: r[key] for r in timed}})
+            if best["impl"] == "triton" and sz.device == "cuda":
+                triton_rows.append({"device_capability": list(torch.cuda.get_device_capability()), "dtypes": ["bfloat16"],
+                                    "head_dims": [shape[5]], "seq": [shape[3], shape[3]], "causal": shape[6],
+                                    "training": key == "fwd_bwd_s"})
+    print("  fastest fastprompt backend per shape:")
+    for t in table:
+        print(f"    {t['shape']} {t['pass']:<10} {t['fastest']}")
+    return {"summary": "winners", "table": table, "triton_measured_faster": triton_rows}
 
 
 def _llama_config(c):

@@ -112,3 +112,16 @@ def test_a_patched_model_runs_the_preferred_backend(monkeypatch):
             plain = output_tensor(model(**inputs))
     assert set(used[: len(used) // 2]) == {"cpu"} and set(used[len(used) // 2 :]) == {"torch"}
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_goes_first_only_where_a_measurement_says_it_is_faster(fake_gpu, monkeypatch):
+    from fastprompt.ops import dispatch
+
+    assert _fake_choice(causal=True).backend == "aten"  # the table is empty: aten
+    monkeypatch.setattr(dispatch, "TRITON_MEASURED_FASTER", [{"device_capability": (9, 0), "dtypes": {torch.bfloat16}, "seq": (8, 64), "causal": True}])
+    c = _fake_choice(causal=True)
+    assert c.order[0] == "triton"
+    assert c.backend == "triton" or "not available" in c.refused["triton"]
+    assert _fake_choice(causal=False).order[0] == "aten"  # the row is for causal calls only
+    fake_gpu["value"] = (8, 0)
+    assert _fake_choice(causal=True).order[0] == "aten"  # measured on another GPU

@@ -39,6 +39,33 @@ PRIORITY: dict[str, list[str]] = {
 }
 DEFAULT_PRIORITY = ["torch"]
 
+# Where a GPU measurement (bench/gpu_check.py's "winners" table) showed the Triton kernels faster
+# than the aten backend: rows {"device_capability": (major, minor), "dtypes": {...}, "head_dims":
+# {...}, "seq": (lo, hi), "causal": bool | None, "training": bool | None}; a call matching a row tries
+# triton first. Empty: no GPU measurement has been taken yet, so aten stays the CUDA default.
+TRITON_MEASURED_FASTER: list[dict] = []
+
+
+def _measured_faster(x: AttentionInputs) -> bool:
+    if x.q.device.type != "cuda" or not TRITON_MEASURED_FASTER:
+        return False
+    import torch
+
+    cap = torch.cuda.get_device_capability(x.q.device)
+    _, _, _, s, _, d = x.shape
+    for row in TRITON_MEASURED_FASTER:
+        lo, hi = row.get("seq", (0, 1 << 62))
+        if (
+            tuple(row.get("device_capability", cap)) == cap
+            and x.q.dtype in row.get("dtypes", {x.q.dtype})
+            and d in row.get("head_dims", {d})
+            and lo <= s <= hi
+            and row.get("causal") in (None, x.causal)
+            and row.get("training") in (None, x.needs_grad)
+        ):
+            return True
+    return False
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -63,6 +90,8 @@ def choose(x: AttentionInputs, name: str | None = None) -> tuple[Backend, Choice
     """The backend for x (the one named, or the first in x's device's priority list that accepts
     it) and the explanation. Raises ValueError naming the reason when none can run."""
     order = PRIORITY.get(x.q.device.type, DEFAULT_PRIORITY)
+    if name is None and "triton" not in order[:1] and _measured_faster(x):
+        order = ["triton"] + [n for n in order if n != "triton"]  # measured faster for these inputs
     reasons = {n: b.why_not(x) for n, b in BACKENDS.items()}
     if name is not None:
         if name not in BACKENDS:

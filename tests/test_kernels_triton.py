@@ -4,6 +4,8 @@ cases run natively."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -149,9 +151,17 @@ def test_autograd_function_and_prefix_grad_is_batch_reduced():
 
 SMEM_LIMIT = {80: 166912, 90: 232448}
 KERNEL_NAMES = ["_fwd_kernel", "_bwd_preprocess", "_bwd_dq", "_bwd_dkdv"]
+def _candidates(dt, d):
+    from fastprompt.kernels.triton_configs import candidates
+
+    return candidates({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt], d)
+
+
+# every kernel at every candidate config the tuner may pick, for sm_80 and sm_90
 COMPILE_CASES = [
-    {"kernel": k, "dtype": dt, "head_dim": d, "cc": cc}
-    for k in KERNEL_NAMES for dt, d in (("fp16", 64), ("bf16", 64), ("fp16", 128), ("bf16", 128), ("fp32", 64)) for cc in (80, 90)
+    {"kernel": k, "dtype": dt, "head_dim": d, "cc": cc, "config": cfg}
+    for dt, d in (("fp16", 64), ("bf16", 64), ("fp16", 128), ("bf16", 128), ("fp32", 64))
+    for cfg in _candidates(dt, d) for k in KERNEL_NAMES for cc in (80, 90)
 ]
 
 
@@ -160,14 +170,18 @@ def compiled(tmp_path_factory):
     if not ptxas_available():
         pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found")
     report = compile_report(COMPILE_CASES, tmp_path_factory.mktemp("cubin"))
-    return {(c["kernel"], c["dtype"], c["head_dim"], c["cc"]): c for c in report}
+    return {(c["kernel"], c["dtype"], c["head_dim"], c["cc"], json.dumps(c["config"], sort_keys=True)): c for c in report}
 
 
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: f"{c['kernel']}-{c['dtype']}-D{c['head_dim']}-sm{c['cc']}")
+def _cfg_id(cfg):
+    return f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: f"{c['kernel']}-{c['dtype']}-D{c['head_dim']}-{_cfg_id(c['config'])}-sm{c['cc']}")
 def test_compiles_for_gpu_without_spills(compiled, case, record_property):
-    c = compiled[(case["kernel"], case["dtype"], case["head_dim"], case["cc"])]
+    c = compiled[(case["kernel"], case["dtype"], case["head_dim"], case["cc"], json.dumps(case["config"], sort_keys=True))]
     assert "error" not in c, c.get("error")
-    report = (f"{c['kernel']} {c['dtype']} D={c['head_dim']} sm_{c['cc']}: {c['registers']} registers, "
+    report = (f"{c['kernel']} {c['dtype']} D={c['head_dim']} {_cfg_id(c['config'])} sm_{c['cc']}: {c['registers']} registers, "
               f"{c['spill_stores']} B spill stores, {c['spill_loads']} B spill loads, stack {c['stack']} B, shared {c['shared']} B, "
               f"cp.async {c['cp_async']}")
     print(report)
@@ -283,3 +297,33 @@ def test_out_of_range_prompt_ids_are_refused_before_any_kernel_reads_the_bank():
     q, k, v, pk, pv = _make(2, 2, 2, 4, 4, 3, 16, torch.float32, bank=2)
     with pytest.raises(ValueError, match=r"prompt_ids must lie in \[0, 2\)"):
         prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0, 2], device=_device()), backend="triton")
+
+
+def test_tuner_keeps_the_fastest_candidate_per_key_and_skips_failures(monkeypatch):
+    """The measuring logic, with a stand-in clock (timing itself needs a GPU)."""
+    import triton.testing
+
+    from fastprompt.kernels import triton_configs as tc
+
+    calls = []
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        return {32: 1.0, 64: 2.0}[calls[-1]["BLOCK_M"]]
+
+    def run(config):
+        calls.append(config)
+        if config["BLOCK_M"] == 16:
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tc, "_TUNED", {})
+    key = ("sm90", torch.bfloat16, 128, 1024, 1024, True, True)
+    monkeypatch.setattr(tc, "candidates", lambda dtype, d: [{"BLOCK_M": 64}, {"BLOCK_M": 16}, {"BLOCK_M": 32}])
+    assert tc.tuned(key, torch.bfloat16, 128, run, on_gpu=True) == {"BLOCK_M": 32}
+    n = len(calls)
+    assert tc.tuned(key, torch.bfloat16, 128, run, on_gpu=True) == {"BLOCK_M": 32} and len(calls) == n  # cached
+    assert tc.tuned(key, torch.bfloat16, 128, run, on_gpu=False) == {"BLOCK_M": 64}  # interpreter: the default
+    monkeypatch.setenv("FASTPROMPT_TRITON_AUTOTUNE", "0")
+    assert tc.tuned(("other",), torch.bfloat16, 128, run, on_gpu=True) == {"BLOCK_M": 64}
+    assert tc.s_bucket(1) == 128 and tc.s_bucket(1000) == 1024 and tc.s_bucket(1 << 20) == 8192

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .inputs import AttentionInputs
+from .triton_configs import candidates, s_bucket, tuned
 
 LOG2E = 1.4426950408889634
 
@@ -308,22 +309,13 @@ def _bwd_dkdv(
         tl.store(DV + dst, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-# num_stages 3: with the JIT's real specialisation (tests/triton_compile.py) 2 stages spill 8 B in the
-# forward on sm_80 at D <= 64 in fp16/bf16
-DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
-
-
 PRE_BLOCK_M = 32  # rows per program of the delta = rowsum(dO * O) preprocess
 
 
 def default_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Block sizes and warps per dtype and head dim, chosen so that every kernel compiles for
-    sm_80 and sm_90 without register spills (tests/test_kernels_triton.py checks it)."""
-    if dtype == torch.float32:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_warps_dkdv": 8, "num_stages": 2}
-    if head_dim > 64:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
-    return dict(DEFAULT_CONFIG)
+    """The first candidate of `triton_configs` (num_stages 3 at D <= 64 in fp16/bf16: with the
+    JIT's real specialisation 2 stages spill 8 B in the forward on sm_80)."""
+    return candidates(dtype, head_dim)[0]
 
 
 _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "num_warps", "num_warps_dkdv", "num_stages", "deterministic"}
@@ -482,17 +474,17 @@ def _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, sca
 
 class _TritonPrefixAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale):
-        out, lse = prefix_attention_forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale)
+    def forward(ctx, q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
+        out, lse = prefix_attention_forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
         ctx.save_for_backward(q, k, v, pk, pv, out, lse, prompt_ids, mask, bias)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.config = causal, scale, config
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, pk, pv, out, lse, prompt_ids, mask, bias = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv = prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, ctx.causal, ctx.scale)
-        return dq, dk, dv, dpk, dpv, None, None, None, None, None
+        dq, dk, dv, dpk, dpv = prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, ctx.causal, ctx.scale, ctx.config)
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
 
 
 def prefix_attention_triton(x: AttentionInputs) -> torch.Tensor:
@@ -503,4 +495,19 @@ def prefix_attention_triton(x: AttentionInputs) -> torch.Tensor:
     mask = x.padding_visible()
     if x.mask is not None:
         mask = x.mask if mask is None else mask & x.mask
-    return _TritonPrefixAttention.apply(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.prompt_ids, mask, x.bias, x.causal, x.scale)
+    q, k, v, pk, pv = x.q, x.k, x.v, x.prefix_k, x.prefix_v
+    training = x.needs_grad
+    on_gpu = q.is_cuda and not triton.knobs.runtime.interpret
+
+    def run(config):  # one timed call of a candidate, on detached copies of the call's tensors
+        qd, kd, vd, pkd, pvd = (t.detach() for t in (q, k, v, pk, pv))
+        out, lse = prefix_attention_forward(qd, kd, vd, pkd, pvd, x.prompt_ids, mask, x.bias, x.causal, x.scale, config)
+        if training:
+            prefix_attention_backward(out, qd, kd, vd, pkd, pvd, out, lse, x.prompt_ids, mask, x.bias, x.causal, x.scale, config)
+
+    key = (
+        torch.cuda.get_device_capability(q.device) if on_gpu else None, q.dtype, q.shape[-1],
+        s_bucket(q.shape[2]), s_bucket(k.shape[2]), x.causal, training,
+    )
+    config = tuned(key, q.dtype, q.shape[-1], run, on_gpu)
+    return _TritonPrefixAttention.apply(q, k, v, pk, pv, x.prompt_ids, mask, x.bias, x.causal, x.scale, config)

@@ -327,3 +327,27 @@ def test_tuner_keeps_the_fastest_candidate_per_key_and_skips_failures(monkeypatc
     monkeypatch.setenv("FASTPROMPT_TRITON_AUTOTUNE", "0")
     assert tc.tuned(("other",), torch.bfloat16, 128, run, on_gpu=True) == {"BLOCK_M": 64}
     assert tc.s_bucket(1) == 128 and tc.s_bucket(1000) == 1024 and tc.s_bucket(1 << 20) == 8192
+
+
+def test_skipping_fully_padded_key_blocks_changes_nothing():
+    """With each example's real-key range the kernels skip key blocks that are all padding; the
+    result is bit for bit the one that visits them (masked blocks add exp2(-inf) = 0)."""
+    kern = _kernels()
+    b, s = 3, 70
+    q, k, v, pk, pv = (t.detach() for t in _make(b, 4, 2, s, s, 5, 16, torch.float32))
+    kp = torch.ones(b, s, dtype=torch.bool)
+    kp[0, :40] = False  # left padding: the first blocks are empty
+    kp[1, 20:] = False  # right padding
+    kp[2, 5:9] = False  # a hole: nothing skippable inside, the range is the whole row
+    rng = kern.key_range(kp.to(_device()))
+    assert rng.tolist() == [[40, 70], [0, 20], [0, 70]]
+    mask = kp[:, None, None, :].to(_device())
+    plain = kern.prefix_attention_forward(q, k, v, pk, pv, None, mask, None, False)
+    skipped = kern.prefix_attention_forward(q, k, v, pk, pv, None, mask, None, False, krange=rng)
+    assert all(torch.equal(a, c) for a, c in zip(plain, skipped))
+    do = torch.randn_like(plain[0])
+    det = {"deterministic": True}  # no atomics: the comparison is exact on a GPU too
+    g_plain = kern.prefix_attention_backward(do, q, k, v, pk, pv, *plain, None, mask, None, False, config=det)
+    g_skip = kern.prefix_attention_backward(do, q, k, v, pk, pv, *skipped, None, mask, None, False, config=det, krange=rng)
+    for a, c in zip(g_plain, g_skip):
+        torch.testing.assert_close(a, c, atol=0, rtol=0)

@@ -37,7 +37,7 @@ class _Recorder:
 
 def recorded_launches(dtype, head_dim, config=None):
     """{kernel name: (fn, args, kwargs)} of one real forward + backward launched by the Python
-    launchers (with a bank, a padding mask and causal) on CPU tensors of a realistic shape in
+    launchers (with a bank, a padding mask with its key range, and causal) on CPU tensors of a realistic shape in
     transformers' layout; the kernels themselves are replaced by recorders."""
     calls = []
     names = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dq", "_bwd_dkdv")
@@ -57,8 +57,9 @@ def recorded_launches(dtype, head_dim, config=None):
         mask[1, ..., :17] = False
         out = torch.empty(b, s, h, head_dim, dtype=dtype).transpose(1, 2)
         lse = torch.empty(b, h, s, dtype=torch.float32)
-        kern.prefix_attention_forward(q, k, v, pk, pv, ids, mask, None, True, config=config)
-        kern.prefix_attention_backward(torch.randn_like(q), q, k, v, pk, pv, out, lse, ids, mask, None, True, config=config)
+        krange = kern.key_range(mask[:, 0, 0])  # padded blocks skipped, as the public op launches it
+        kern.prefix_attention_forward(q, k, v, pk, pv, ids, mask, None, True, config=config, krange=krange)
+        kern.prefix_attention_backward(torch.randn_like(q), q, k, v, pk, pv, out, lse, ids, mask, None, True, config=config, krange=krange)
     finally:
         for n in names:
             setattr(kern, n, saved[n])

@@ -37,7 +37,8 @@ BACKEND = Backend(
     dropout=False,
     refuses=_refuses,
     notes=(
-        "fused Triton kernels, no dropout; not the CUDA default until a GPU measurement shows it faster; CPU tensors "
-        "only under TRITON_INTERPRET=1 (fp32/fp16: the interpreter's bf16 dot is wrong)"
+        "fused Triton kernels, no dropout; not the CUDA default until a GPU measurement shows it faster; decode "
+        "(S=1) on a GPU is handed to the aten backend; CPU tensors only under TRITON_INTERPRET=1 (fp32/fp16: the "
+        "interpreter's bf16 dot is wrong)"
     ),
 )

@@ -87,6 +87,20 @@ def _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn,
 
 
 @triton.jit
+def _key_span(b, pid_m, S, SK, KRange, CAUSAL: tl.constexpr, HAS_RANGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the sequence keys a query block can see: causal cuts the end; with HAS_RANGE the
+    example's real keys lie in KRange[b] = (first, last + 1), so fully padded key blocks are skipped."""
+    lo = pid_m * 0
+    hi = pid_m * 0 + SK
+    if CAUSAL:
+        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + SK - S)
+    if HAS_RANGE:
+        lo = tl.load(KRange + b * 2) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, tl.load(KRange + b * 2 + 1))
+    return lo, hi
+
+
+@triton.jit
 def _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn):
     ptr = Bias + b * sbb + h * sbh + offs_m[:, None].to(tl.int64) * sbm + offs_n[None, :] * sbn
     return tl.load(ptr, mask=(offs_m[:, None] < S) & (offs_n[None, :] < SK), other=0.0).to(tl.float32) * 1.4426950408889634
@@ -94,7 +108,7 @@ def _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, Ids, Mask, Bias, Out, Lse,
+    Q, K, V, PK, PV, Ids, Mask, Bias, KRange, Out, Lse,
     sqb, sqh, sqm,
     skb, skh, skn,
     svb, svh, svn,
@@ -106,6 +120,7 @@ def _fwd_kernel(
     H, G, S, SK, P, D, qk_scale,
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RANGE: tl.constexpr = False,
 ):
     pid_m, pid_bh, b, h, hkv, t, offs_m = _query_program(Ids, H, G, HAS_BANK, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -131,10 +146,8 @@ def _fwd_kernel(
         m_i = m_new
 
     # sequence phase
-    hi = SK
-    if CAUSAL:
-        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + SK - S)
-    for start_n in range(0, hi, BLOCK_N):
+    lo_n, hi = _key_span(b, pid_m, S, SK, KRange, CAUSAL, HAS_RANGE, BLOCK_M, BLOCK_N)
+    for start_n in range(lo_n, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K + b * skb + hkv * skh, offs_n, SK, skn, offs_d, D)
         s = _scores(q, k, qk_scale, FP32_IEEE)
@@ -173,7 +186,7 @@ def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sdb, sdh, sdm, H, S, D,
 
 @triton.jit
 def _bwd_dq(
-    Q, K, V, PK, PV, Ids, Mask, Bias, DO, Lse, Delta, DQ,
+    Q, K, V, PK, PV, Ids, Mask, Bias, KRange, DO, Lse, Delta, DQ,
     sqb, sqh, sqm,
     skb, skh, skn,
     svb, svh, svn,
@@ -185,6 +198,7 @@ def _bwd_dq(
     H, G, S, SK, P, D, qk_scale, sm_scale,
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RANGE: tl.constexpr = False,
 ):
     pid_m, pid_bh, b, h, hkv, t, offs_m = _query_program(Ids, H, G, HAS_BANK, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -204,10 +218,8 @@ def _bwd_dq(
         dp = _scores(do, v, 1.0, FP32_IEEE)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, FP32_IEEE)
-    hi = SK
-    if CAUSAL:
-        hi = tl.minimum(SK, (pid_m + 1) * BLOCK_M + SK - S)
-    for start_n in range(0, hi, BLOCK_N):
+    lo_n, hi = _key_span(b, pid_m, S, SK, KRange, CAUSAL, HAS_RANGE, BLOCK_M, BLOCK_N)
+    for start_n in range(lo_n, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K + b * skb + hkv * skh, offs_n, SK, skn, offs_d, D)
         v = _tile(V + b * svb + hkv * svh, offs_n, SK, svn, offs_d, D)
@@ -224,7 +236,7 @@ def _bwd_dq(
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, PK, PV, Ids, Mask, Bias, DO, Lse, Delta, DK, DV, DPK, DPV,
+    Q, K, V, PK, PV, Ids, Mask, Bias, KRange, DO, Lse, Delta, DK, DV, DPK, DPV,
     sqb, sqh, sqm,
     skb, skh, skn,
     svb, svh, svn,
@@ -236,7 +248,7 @@ def _bwd_dkdv(
     H, G, S, SK, P, D, NP_BLOCKS, qk_scale, sm_scale,
     HAS_BANK: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     FP32_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DETERMINISTIC: tl.constexpr = False,
+    DETERMINISTIC: tl.constexpr = False, HAS_RANGE: tl.constexpr = False,
 ):
     """Key blocks [0, NP_BLOCKS) are prefix blocks, the rest sequence blocks, of one (batch, kv head).
     Prefix gradients: atomically added into the (T, Hkv, P, D) fp32 buffer, or with DETERMINISTIC
@@ -270,6 +282,12 @@ def _bwd_dkdv(
         if not is_prefix:
             # queries before this key block (bottom-right aligned) never see it
             lo = tl.maximum(0, ((pid_n - NP_BLOCKS) * BLOCK_N - (SK - S)) // BLOCK_M * BLOCK_M)
+    if HAS_RANGE:
+        if not is_prefix:
+            # a key block wholly outside the example's real keys: no query sees it (dK = dV = 0)
+            first = (pid_n - NP_BLOCKS) * BLOCK_N
+            outside = (first >= tl.load(KRange + b * 2 + 1)) | (first + BLOCK_N <= tl.load(KRange + b * 2))
+            lo = tl.where(outside, S, lo)
     for g in range(0, G):
         h = hkv * G + g
         for start_m in range(lo, S, BLOCK_M):
@@ -370,7 +388,17 @@ def _bank_view(prefix: torch.Tensor) -> torch.Tensor:
     return prefix if prefix.dim() == 4 else prefix.unsqueeze(0)
 
 
-def _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
+def key_range(key_padding: torch.Tensor) -> torch.Tensor:
+    """(B, Sk) bool -> (B, 2) int32: each example's first real key and last real key + 1 (no host
+    sync). Keys outside are padding whatever the pattern inside, so their blocks can be skipped."""
+    sk = key_padding.shape[1]
+    idx = torch.arange(sk, device=key_padding.device, dtype=torch.int32)
+    first = torch.where(key_padding, idx, sk).amin(-1)
+    last = torch.where(key_padding, idx + 1, 0).amax(-1)
+    return torch.stack([first, last], -1).to(torch.int32).contiguous()
+
+
+def _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config, krange=None):
     b, h, s, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     pkb, pvb = _bank_view(pk), _bank_view(pv)
@@ -380,11 +408,13 @@ def _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
     return dict(
         b=b, h=h, s=s, d=d, hkv=hkv, sk=sk, p=p, pkb=pkb, pvb=pvb,
         ids=prompt_ids if prompt_ids is not None else dummy,
+        krange=krange if krange is not None else dummy,
         mask=mask_i8 if mask_i8 is not None else dummy,
         bias=bias if bias is not None else dummy,
         ms=_broadcast_strides(mask_i8, b, h, s, sk), bs=_broadcast_strides(bias, b, h, s, sk),
         flags=dict(
             HAS_BANK=prompt_ids is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None, CAUSAL=bool(causal),
+            HAS_RANGE=krange is not None,
             FP32_IEEE=q.dtype == torch.float32, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=_block_d(d),
             num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
         ),
@@ -402,22 +432,22 @@ def _reduce_per_prompt(partial: torch.Tensor, prompt_ids: torch.Tensor | None, n
     return (onehot @ partial.flatten(1)).view(n_prompts, *partial.shape[1:])
 
 
-def prefix_attention_forward(q, k, v, pk, pv, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None):
+def prefix_attention_forward(q, k, v, pk, pv, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None, krange=None):
     """Launches the forward kernel on q's device. Returns (out (B, H, S, D), lse2 (B, H, S) fp32, base 2)."""
     with _device(q):
-        return _forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
+        return _forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config, krange)
 
 
-def _forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
+def _forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config, krange):
     config = _config(q.dtype, q.shape[-1], config)
     q, k, v, pk, pv = (_unit_last(t) for t in (q, k, v, pk, pv))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
+    c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config, krange)
     out = torch.empty(c["b"], c["s"], c["h"], c["d"], dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(c["b"], c["h"], c["s"], dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(c["s"], config["BLOCK_M"]), c["b"] * c["h"])
     _fwd_kernel[grid](
-        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], out, lse,
+        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], c["krange"], out, lse,
         *_s3(q), *_s3(k), *_s3(v), *_s3(c["pkb"]), *_s3(c["pvb"]),
         *c["ms"], *c["bs"], *_s3(out),
         c["h"], c["h"] // c["hkv"], c["s"], c["sk"], c["p"], c["d"], c["qk_scale"],
@@ -426,21 +456,21 @@ def _forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
     return out, lse
 
 
-def prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None):
+def prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids=None, mask=None, bias=None, causal=False, scale=None, config=None, krange=None):
     """Launches the backward kernels on q's device. Returns dq, dk, dv, dpk, dpv (prefix grads
     reduced over the batch; deterministically when config["deterministic"] or, by default, when
     torch.use_deterministic_algorithms(True) is on)."""
     with _device(q):
-        return _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, scale, config)
+        return _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, scale, config, krange)
 
 
-def _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, scale, config):
+def _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, scale, config, krange):
     config = _config(q.dtype, q.shape[-1], config)
     q, k, v, pk, pv, out, do = (_unit_last(t) for t in (q, k, v, pk, pv, out, do))
     if torch.empty_like(q).stride() != q.stride():
         q = q.contiguous()  # _bwd_dq writes dq with q's strides: q must be dense
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
+    c = _common(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config, krange)
     b, h, s, d, hkv, sk, p = (c[x] for x in ("b", "h", "s", "d", "hkv", "sk", "p"))
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], c["flags"]["BLOCK_D"]
     delta = torch.empty_like(lse)
@@ -448,7 +478,7 @@ def _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, sca
     dq = torch.empty_like(q)  # same strides as q (dense), which _bwd_dq writes through
     strides = (*_s3(q), *_s3(k), *_s3(v), *_s3(c["pkb"]), *_s3(c["pvb"]), *c["ms"], *c["bs"], *_s3(do))
     _bwd_dq[(triton.cdiv(s, bm), b * h)](
-        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], do, lse, delta, dq, *strides,
+        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], c["krange"], do, lse, delta, dq, *strides,
         h, h // hkv, s, sk, p, d, c["qk_scale"], scale, **c["flags"],
     )
     dk = torch.empty(b, hkv, sk, d, dtype=k.dtype, device=k.device)
@@ -461,7 +491,7 @@ def _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, sca
     dpv = torch.zeros(buf, dtype=torch.float32, device=q.device)
     n_prefix_blocks = triton.cdiv(p, bn)
     _bwd_dkdv[(n_prefix_blocks + triton.cdiv(sk, bn), b * hkv)](
-        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], do, lse, delta, dk, dv, dpk, dpv, *strides,
+        q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], c["krange"], do, lse, delta, dk, dv, dpk, dpv, *strides,
         h, h // hkv, s, sk, p, d, n_prefix_blocks, c["qk_scale"], scale,
         DETERMINISTIC=bool(deterministic), **{**c["flags"], "num_warps": c["dkdv_warps"]},
     )
@@ -474,17 +504,19 @@ def _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, sca
 
 class _TritonPrefixAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config):
-        out, lse = prefix_attention_forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config)
-        ctx.save_for_backward(q, k, v, pk, pv, out, lse, prompt_ids, mask, bias)
+    def forward(ctx, q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config, krange):
+        out, lse = prefix_attention_forward(q, k, v, pk, pv, prompt_ids, mask, bias, causal, scale, config, krange)
+        ctx.save_for_backward(q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, krange)
         ctx.causal, ctx.scale, ctx.config = causal, scale, config
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, pk, pv, out, lse, prompt_ids, mask, bias = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv = prefix_attention_backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, ctx.causal, ctx.scale, ctx.config)
-        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+        q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, krange = ctx.saved_tensors
+        dq, dk, dv, dpk, dpv = prefix_attention_backward(
+            do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, ctx.causal, ctx.scale, ctx.config, krange
+        )
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None
 
 
 def prefix_attention_triton(x: AttentionInputs) -> torch.Tensor:
@@ -496,18 +528,26 @@ def prefix_attention_triton(x: AttentionInputs) -> torch.Tensor:
     if x.mask is not None:
         mask = x.mask if mask is None else mask & x.mask
     q, k, v, pk, pv = x.q, x.k, x.v, x.prefix_k, x.prefix_v
+    if q.shape[2] == 1 and q.is_cuda and not triton.knobs.runtime.interpret:
+        # decode (one query row against a long cache) leaves these kernels one program per (b, h)
+        # with a single row: FlashAttention's split-KV decode in the aten backend serves it
+        from .aten_prefix_attention import BACKEND as ATEN
+
+        if ATEN.why_not(x) is None:
+            return ATEN.fn(x)
+    krange = None if x.key_padding is None else key_range(x.key_padding)
     training = x.needs_grad
     on_gpu = q.is_cuda and not triton.knobs.runtime.interpret
 
     def run(config):  # one timed call of a candidate, on detached copies of the call's tensors
         qd, kd, vd, pkd, pvd = (t.detach() for t in (q, k, v, pk, pv))
-        out, lse = prefix_attention_forward(qd, kd, vd, pkd, pvd, x.prompt_ids, mask, x.bias, x.causal, x.scale, config)
+        out, lse = prefix_attention_forward(qd, kd, vd, pkd, pvd, x.prompt_ids, mask, x.bias, x.causal, x.scale, config, krange)
         if training:
-            prefix_attention_backward(out, qd, kd, vd, pkd, pvd, out, lse, x.prompt_ids, mask, x.bias, x.causal, x.scale, config)
+            prefix_attention_backward(out, qd, kd, vd, pkd, pvd, out, lse, x.prompt_ids, mask, x.bias, x.causal, x.scale, config, krange)
 
     key = (
         torch.cuda.get_device_capability(q.device) if on_gpu else None, q.dtype, q.shape[-1],
         s_bucket(q.shape[2]), s_bucket(k.shape[2]), x.causal, training,
     )
     config = tuned(key, q.dtype, q.shape[-1], run, on_gpu)
-    return _TritonPrefixAttention.apply(q, k, v, pk, pv, x.prompt_ids, mask, x.bias, x.causal, x.scale, config)
+    return _TritonPrefixAttention.apply(q, k, v, pk, pv, x.prompt_ids, mask, x.bias, x.causal, x.scale, config, krange)

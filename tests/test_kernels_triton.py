@@ -174,7 +174,8 @@ def compiled(tmp_path_factory):
 
 
 def _cfg_id(cfg):
-    return f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+    return (f"M{cfg['BLOCK_M']}N{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+            f"-kv{cfg.get('BLOCK_N_KV')}x{cfg.get('BLOCK_M_KV')}w{cfg.get('num_warps_dkdv')}")
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: f"{c['kernel']}-{c['dtype']}-D{c['head_dim']}-{_cfg_id(c['config'])}-sm{c['cc']}")

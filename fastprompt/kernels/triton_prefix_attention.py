@@ -9,7 +9,8 @@ of each row is stored for the backward.
 Backward: `_bwd_preprocess` computes delta = rowsum(dO * O); `_bwd_dq` (per query block)
 recomputes probabilities from the LSE and accumulates dQ over the prefix and the sequence;
 `_bwd_dkdv` (per key block of one (batch, kv head), all G query heads of the group inside, so no
-atomics) writes dK/dV for sequence blocks and, for prefix blocks, adds the example's partial
+atomics; S^T = K Q^T as in Triton's tutorial, a large fixed key block and a small streamed
+query block, BLOCK_N_KV x BLOCK_M_KV) writes dK/dV for sequence blocks and, for prefix blocks, adds the example's partial
 prefix gradient into an fp32 (T, Hkv, P, D) buffer with atomics: the batch reduction happens
 there, with no (B, ...) prefix-sized buffer anywhere.
 
@@ -297,18 +298,20 @@ def _bwd_dkdv(
             do = _tile(DO + b * sdb + h * sdh, offs_m, S, sdm, offs_d, D)
             lse = tl.load(Lse + (b * H + h) * S + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + (b * H + h) * S + offs_m, mask=m_ok, other=0.0)
-            s = _scores(q, k, qk_scale, FP32_IEEE)
+            # the tutorial's orientation: S^T = K Q^T with the key block (fixed, large) as the MMA's
+            # M dimension and the streamed query block (small) as N; no transposes of P or dS
+            st = _scores(k, q, qk_scale, FP32_IEEE)  # (BLOCK_N, BLOCK_M)
             if is_prefix:
-                valid = m_ok[:, None] & n_ok[None, :]
+                valid = n_ok[:, None] & m_ok[None, :]
             else:
                 if HAS_BIAS:
-                    s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
-                valid = _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn, CAUSAL, HAS_MASK)
-            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-            dv += _mm(tl.trans(p.to(do.dtype)), do, FP32_IEEE)
-            dp = _scores(do, v, 1.0, FP32_IEEE)
-            ds = p * (dp - delta[:, None])
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32_IEEE)
+                    st += tl.trans(_seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn))
+                valid = tl.trans(_seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn, CAUSAL, HAS_MASK))
+            pt = tl.where(valid, tl.math.exp2(st - lse[None, :]), 0.0)
+            dv += _mm(pt.to(do.dtype), do, FP32_IEEE)
+            dpt = _scores(v, do, 1.0, FP32_IEEE)
+            dst_ = pt * (dpt - delta[None, :])
+            dk += _mm(dst_.to(q.dtype), q, FP32_IEEE)
     dk = dk * sm_scale
     ok = n_ok[:, None] & d_ok
     if is_prefix:
@@ -336,7 +339,7 @@ def default_config(dtype: torch.dtype, head_dim: int) -> dict:
     return candidates(dtype, head_dim)[0]
 
 
-_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "num_warps", "num_warps_dkdv", "num_stages", "deterministic"}
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_M_KV", "BLOCK_N_KV", "num_warps", "num_warps_dkdv", "num_stages", "deterministic"}
 
 
 def _config(dtype: torch.dtype, head_dim: int, user: dict | None) -> dict:
@@ -347,7 +350,9 @@ def _config(dtype: torch.dtype, head_dim: int, user: dict | None) -> dict:
     if unknown:
         raise ValueError(f"config keys must be among {sorted(_CONFIG_KEYS)}, got {sorted(unknown)}")
     config = {**default_config(dtype, head_dim), **user}
-    for key in ("BLOCK_M", "BLOCK_N"):
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_M_KV", "BLOCK_N_KV"):
+        if key not in config:
+            continue
         v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"config[{key!r}] must be a power of two >= 16 (tl.dot's smallest tile), got {v!r}")
@@ -489,11 +494,14 @@ def _backward(do, q, k, v, pk, pv, out, lse, prompt_ids, mask, bias, causal, sca
     buf = (b, *c["pkb"].shape[1:]) if deterministic else c["pkb"].shape
     dpk = torch.zeros(buf, dtype=torch.float32, device=q.device)
     dpv = torch.zeros(buf, dtype=torch.float32, device=q.device)
-    n_prefix_blocks = triton.cdiv(p, bn)
-    _bwd_dkdv[(n_prefix_blocks + triton.cdiv(sk, bn), b * hkv)](
+    # dK/dV: a large fixed key block and a small streamed query block (the tutorial's shape)
+    bn_kv, bm_kv = config.get("BLOCK_N_KV", bn), config.get("BLOCK_M_KV", bm)
+    n_prefix_blocks = triton.cdiv(p, bn_kv)
+    _bwd_dkdv[(n_prefix_blocks + triton.cdiv(sk, bn_kv), b * hkv)](
         q, k, v, c["pkb"], c["pvb"], c["ids"], c["mask"], c["bias"], c["krange"], do, lse, delta, dk, dv, dpk, dpv, *strides,
         h, h // hkv, s, sk, p, d, n_prefix_blocks, c["qk_scale"], scale,
-        DETERMINISTIC=bool(deterministic), **{**c["flags"], "num_warps": c["dkdv_warps"]},
+        DETERMINISTIC=bool(deterministic),
+        **{**c["flags"], "num_warps": c["dkdv_warps"], "BLOCK_M": bm_kv, "BLOCK_N": bn_kv},
     )
     if deterministic:  # per-example partial gradients -> per prompt, in a fixed order
         dpk, dpv = _reduce_per_prompt(dpk, prompt_ids, c["pkb"].shape[0]), _reduce_per_prompt(dpv, prompt_ids, c["pkb"].shape[0])

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -408,7 +407,9 @@ def _winners(rows, sz):
     table, triton_rows = [], []
     shapes = sorted({(r["B"], r["H"], r["Hkv"], r["S"], r["P"], r["D"], r["causal"]) for r in rows if "S" in r and not r.get("decode")})
     for shape in shapes:
-        here = [r for r in rows if (r.get("B"), r.get("H"), r.get("Hkv"), r.get("S"), r.get("P"), r.get("D"), r.get("causal")) == shape and r.get("impl") in ours]
+        here = [r for r in rows
+                if (r.get("B"), r.get("H"), r.get("Hkv"), r.get("S"), r.get("P"), r.get("D"), r.get("causal")) == shape
+                and r.get("impl") in ours]
         for key in ("fwd_s", "fwd_bwd_s"):
             timed = [r for r in here if key in r]
             if not timed:

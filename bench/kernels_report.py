@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         for impl, t in sorted(times.items(), key=lambda kv: kv[0] != "sdpa_concat"):
             row = {"shape": list(shape), "dtype": dtype, "causal": causal, "backward": backward, "impl": impl,
                    "median_s": t, "time_ratio": t / base if base else None}
-            line = f"{','.join(map(str, shape)):<22}{dtype.removeprefix('torch.'):<10}{'causal' if causal else 'full':<8}{'fwd+bwd' if backward else 'fwd':<9}{impl:<10}{t * 1e3:>9.2f}{row['time_ratio']:>9.2f}"
+            line = (f"{','.join(map(str, shape)):<22}{dtype.removeprefix('torch.'):<10}{'causal' if causal else 'full':<8}"
+                    f"{'fwd+bwd' if backward else 'fwd':<9}{impl:<10}{t * 1e3:>9.2f}{row['time_ratio']:>9.2f}")
             if mem:
                 row["saved_bytes"] = mem[impl]
                 row["saved_ratio"] = mem[impl] / mem["sdpa_concat"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def saved_bytes(run, exclude) -> int:
-    """Bytes of the tensors autograd saves for backward while run() executes, deduplicated by
-    storage, storages of the tensors in `exclude` (parameters, inputs) left out."""
+def saved_bytes(run, exclude) -> tuple[int, object]:
+    """(bytes of the tensors autograd saves for backward while run() executes, deduplicated by
+    storage, storages of the tensors in `exclude` (parameters, inputs) left out; run()'s result)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["mixed batch (one forward)"]
-    print(f"Llama-like 8 layers, hidden 512; T={args.tasks} tasks, B={args.batch} (B/T each), S={args.seq}, P={args.num_tokens}; no grad, fp32, {args.threads} threads")
+    print(f"Llama-like 8 layers, hidden 512; T={args.tasks} tasks, B={args.batch} (B/T each), S={args.seq}, "
+          f"P={args.num_tokens}; no grad, fp32, {args.threads} threads")
     print(f"{'run':<28}{'median ms':>11}{'x mixed':>9}")
     for k, v in med.items():
         print(f"{k:<28}{1000 * v:>11.1f}{v / base:>9.2f}")

@@ -12,6 +12,7 @@ from .planner import plan  # noqa: E402
 from .serialization import PromptLoadError, load_prompts, save_prompts  # noqa: E402
 
 __all__ = [
-    "PromptConfig", "PromptLoadError", "SUPPORTED", "UnsupportedModelError", "add_task", "cache_lower_layers", "explain_backend", "from_peft", "load_prompts", "patch", "plan",
+    "PromptConfig", "PromptLoadError", "SUPPORTED", "UnsupportedModelError", "add_task", "cache_lower_layers", "explain_backend",
+    "from_peft", "load_prompts", "patch", "plan",
     "prefix_attention", "prompt_config", "prompt_parameters", "save_prompts", "to_peft", "unpatch",
 ]

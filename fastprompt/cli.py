@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import threading
 import os
 import random
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 

@@ -145,13 +145,9 @@ def read_conll(path: str | Path, labels: list[str] | None = None) -> tuple[list[
 
 
 def looks_like_conll(path: str | Path) -> bool:
-    """True for a file of whitespace-separated `token ... tag` lines (no header row)."""
-    path = Path(path)
-    if path.suffix.lower() in (".conll", ".txt", ".iob", ".bio"):
-        return True
-    if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
-        return False
-    return False
+    """True when the file name says CoNLL (`.conll`, `.txt`, `.iob`, `.bio`): by extension only,
+    the content is not read; `.csv`, `.tsv`, `.jsonl` and anything else are not CoNLL."""
+    return Path(path).suffix.lower() in (".conll", ".txt", ".iob", ".bio")
 
 
 def _spans(tags: list[str]) -> set[tuple[str, int, int]]:

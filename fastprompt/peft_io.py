@@ -96,7 +96,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
         want = (p, hidden)
         method = "prompt"
     if tuple(emb.shape) != want:
-        raise PromptLoadError(f"{wfile}: prompt_embeddings has shape {tuple(emb.shape)}, this model needs {want} ({layers} layers, {hkv} kv heads, head dim {dh}, hidden {hidden})")
+        raise PromptLoadError(f"{wfile}: prompt_embeddings has shape {tuple(emb.shape)}, this model needs {want} "
+                              f"({layers} layers, {hkv} kv heads, head dim {dh}, hidden {hidden})")
     head = {}
     for k, v in tensors.items():
         if k.startswith("base_model.") and not k.startswith("base_model.model."):
@@ -104,7 +105,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
     config = PromptConfig(method=method, num_tokens=p, peft_positions=peft_positions, train_head=bool(head) or _task_type(model) != "CAUSAL_LM")
     current = {f"{n}.{k}": v for n in set(k.split(".")[0] for k in head) for k, v in getattr(model, n, nn.Module()).state_dict().items()}
     if set(current) != set(head) or any(tuple(current[k].shape) != tuple(v.shape) for k, v in head.items()):
-        raise PromptLoadError(f"{wfile}: head tensors { {k: tuple(v.shape) for k, v in head.items()} } do not match the model's { {k: tuple(v.shape) for k, v in current.items()} }")
+        raise PromptLoadError(f"{wfile}: head tensors { {k: tuple(v.shape) for k, v in head.items()} } do not match "
+                              f"the model's { {k: tuple(v.shape) for k, v in current.items()} }")
 
     patch(model, config)
     runtime = _runtime(model)

@@ -200,7 +200,8 @@ def load_prompts(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
     # the config the model runs with: a folded-only reparam prompt is a plain prefix
     if config.reparam and runtime is not None and runtime.config.reparam:
         if not has_weights:
-            raise PromptLoadError(f"{path}: saved without the reparameterisation weights (save_prompts(..., reparam_weights=True)); the model is patched with reparam=True")
+            raise PromptLoadError(f"{path}: saved without the reparameterisation weights (save_prompts(..., reparam_weights=True)); "
+                                  "the model is patched with reparam=True")
         target = config
     elif config.reparam and not (has_weights and trainable and runtime is None):
         target = dataclasses.replace(config, reparam=False)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from conftest import tiny_model
 
 import fastprompt
-from conftest import tiny_model
 from fastprompt.integration import architectures
 
 
@@ -61,7 +61,9 @@ def test_config_object_and_keywords():
 
 
 UNSUPPORTED = {
-    "deberta-v2": lambda: tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)),
+    "deberta-v2": lambda: tf.DebertaV2Model(
+        tf.DebertaV2Config(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    ),
     "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
     "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=4)),
     "gptj": lambda: tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=99, n_embd=32, n_layer=2, n_head=4, rotary_dim=4)),
@@ -97,9 +99,8 @@ def test_model_that_ignores_the_attention_function_is_detected(monkeypatch):
 
 
 def test_hf_trainer_trains_a_patched_model(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     from conftest import tiny_model
+    from transformers import Trainer, TrainingArguments
 
     model = tiny_model("bert", kind="seqcls")
     fastprompt.patch(model, method="ptv2", num_tokens=4)
@@ -119,9 +120,8 @@ def test_hf_trainer_trains_a_patched_model(tmp_path):
 
 
 def test_hf_trainer_trains_a_mixed_task_bank_with_per_task_heads(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
     from conftest import tiny_model
+    from transformers import Trainer, TrainingArguments
 
     model = tiny_model("bert", kind="seqcls")  # 3 labels: the larger task
     fastprompt.patch(model, method="ptv2", num_tokens=4, heads={"binary": 2, "ternary": 3})

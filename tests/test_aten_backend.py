@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import concat_attention
 
 from fastprompt.kernels import aten_prefix_attention as aten
 from fastprompt.kernels.aten_kernels import CUDA_KERNELS, REFERENCE_KERNELS
 from fastprompt.kernels.lse_merge import MergedPrefixAttention
 from fastprompt.kernels.prefix_matmul import PrefixByMatmul
 from fastprompt.ops import prefix_attention_inputs
-from reference import concat_attention
 
 
 def _inputs(b, h, hkv, s, sk, p, d, dtype=torch.float32, bank=0, seed=0, layout="bshd"):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import output_tensor, tiny_model
 
 import fastprompt
-from conftest import output_tensor, tiny_model
 from fastprompt.integration import attention as integration
 
 CALLS: list[dict] = []

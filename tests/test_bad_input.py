@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 import transformers as tf
+from conftest import model_inputs, tiny_model
 
 import fastprompt
-from conftest import model_inputs, tiny_model
 from fastprompt.integration.patching import runtime_of
 
 

@@ -26,10 +26,10 @@ import random
 import pytest
 import torch
 import transformers as tf
-
-import fastprompt
 from conftest import TINY, VOCAB
 from reference import PREFIX, REF_IMPL, self_attention_modules
+
+import fastprompt
 
 P = 3
 B, T, SHORT = 3, 7, 4  # batch, padded length, the short examples' real length

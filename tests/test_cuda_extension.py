@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from reference import concat_attention
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"

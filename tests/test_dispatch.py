@@ -89,8 +89,9 @@ def test_prefer_puts_a_backend_first_and_restores_the_order():
 
 def test_a_patched_model_runs_the_preferred_backend(monkeypatch):
     """A user routes a patched model's attention through another backend without touching it."""
-    import fastprompt
     from conftest import model_inputs, output_tensor, tiny_model
+
+    import fastprompt
     from fastprompt.ops import dispatch
 
     model = fastprompt.patch(tiny_model("llama"), method="ptv2", num_tokens=4)

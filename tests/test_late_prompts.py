@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import output_tensor, tiny_model
+from reference import REF_IMPL
 
 import fastprompt
-from conftest import model_inputs, output_tensor, tiny_model
-from reference import REF_IMPL
 
 N, L = 3, 1
 

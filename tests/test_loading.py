@@ -6,10 +6,10 @@ import pytest
 import torch
 
 pytest.importorskip("bitsandbytes")
+from conftest import model_inputs, tiny_model  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 import fastprompt  # noqa: E402
-from conftest import model_inputs, tiny_model  # noqa: E402
 from fastprompt.loading import build_quantized, random_source, safetensors_source  # noqa: E402
 
 
@@ -18,7 +18,8 @@ def test_built_from_checkpoint_equals_transformers_quantised_load(tmp_path, bits
     float_model = tiny_model("llama", hidden_size=64, intermediate_size=128)
     float_model.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards, read tensor by tensor
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    q = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    q = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8
+         else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.float32).eval()
     built = build_quantized(float_model.config, safetensors_source(tmp_path), bits=bits, dtype=torch.float32)
     kind = "Linear8bitLt" if bits == 8 else "Linear4bit"

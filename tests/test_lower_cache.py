@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import fastprompt
-from conftest import tiny_model
 
 N_EX, T = 6, 7
 

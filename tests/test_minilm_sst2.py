@@ -6,9 +6,9 @@ import csv
 
 import pytest
 import torch
+from conftest import DATA
 
 import fastprompt
-from conftest import DATA
 
 SST2 = DATA / "sst2" / "train.tsv"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import concat_attention
 
 from fastprompt.ops import prefix_attention, runnable
-from reference import concat_attention
 
 
 def _inputs(b, h, hkv, s, sk, p, d, dtype, bank=0, seed=0):

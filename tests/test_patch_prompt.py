@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from conftest import DECODERS, model_inputs, output_tensor, tiny_model
+from reference import REF_IMPL
 from transformers import DynamicCache
 
 import fastprompt
-from conftest import DECODERS, model_inputs, output_tensor, tiny_model
-from reference import REF_IMPL
 
 
 def _decoder_reference(model, arch, prompt, inputs):
@@ -90,7 +90,8 @@ def test_bidirectional_prompt_keeps_shapes_and_padding_invariance(arch):
     extra = {"decoder_input_ids": torch.tensor([[0, 5, 7]])} if arch == "t5" else {}
     with torch.no_grad():
         alone = output_tensor(model(input_ids=ids, **extra))
-        both = output_tensor(model(input_ids=torch.cat([padded, padded]), attention_mask=torch.tensor([[1] * 5 + [0] * 3] * 2), **{k: v.expand(2, -1) for k, v in extra.items()}))
+        both = output_tensor(model(input_ids=torch.cat([padded, padded]), attention_mask=torch.tensor([[1] * 5 + [0] * 3] * 2),
+                                   **{k: v.expand(2, -1) for k, v in extra.items()}))
     if arch == "t5":
         torch.testing.assert_close(both[0], alone[0], atol=2e-5, rtol=1e-4)
     else:

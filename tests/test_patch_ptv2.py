@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import fastprompt
 from conftest import ARCHS, DECODERS, ENCODERS, model_inputs, output_tensor, tiny_model
 from reference import PREFIX, REF_IMPL, self_attention_modules
+
+import fastprompt
 
 
 def _reference_run(model, arch, prefixes, start_layer, inputs):

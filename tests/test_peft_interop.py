@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import model_inputs, peft_runs, tiny_model
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 import fastprompt
-from conftest import model_inputs, peft_runs, tiny_model
 
 P = 3
 

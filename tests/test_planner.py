@@ -39,7 +39,8 @@ def _measure(config, cls, batch, seq, patch) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
-@pytest.mark.parametrize("config, cls, batch, seq, patch", CASES, ids=[f"{c[1]}-{c[4]['method']}-L{c[4]['start_layer']}{'-ckpt' if c[4].get('checkpointing') else ''}" for c in CASES])
+@pytest.mark.parametrize("config, cls, batch, seq, patch", CASES,
+                         ids=[f"{c[1]}-{c[4]['method']}-L{c[4]['start_layer']}{'-ckpt' if c[4].get('checkpointing') else ''}" for c in CASES])
 def test_prediction_within_15_percent_of_measured_peak(config, cls, batch, seq, patch):
     measured = _measure(config, cls, batch, seq, patch)
     c = tf.AutoConfig.for_model(**config)

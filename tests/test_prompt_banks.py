@@ -7,12 +7,16 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import model_inputs, output_tensor, tiny_model
+from test_late_prompts import L as LPT_LAYER
+from test_late_prompts import N as LPT_TOKENS
+from test_late_prompts import _bert_reference as _lpt_bert_reference
+from test_late_prompts import _generator
+from test_patch_prompt import _bert_reference as _prompt_bert_reference
+from test_patch_prompt import _decoder_reference
+from test_patch_ptv2 import _reference_run
 
 import fastprompt
-from conftest import model_inputs, output_tensor, tiny_model
-from test_late_prompts import L as LPT_LAYER, N as LPT_TOKENS, _bert_reference as _lpt_bert_reference, _generator
-from test_patch_prompt import _bert_reference as _prompt_bert_reference, _decoder_reference
-from test_patch_ptv2 import _reference_run
 
 IDS = torch.tensor([2, 0, 2, 1])
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import tiny_model  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import fastprompt  # noqa: E402
-from conftest import tiny_model  # noqa: E402
-from fastprompt.ops import prefix_attention  # noqa: E402
 from test_ops_prefix_attention import BACKENDS, _grads, _inputs, _reference  # noqa: E402
 from test_patch_ptv2 import _reference_run  # noqa: E402
+
+import fastprompt  # noqa: E402
+from fastprompt.ops import prefix_attention  # noqa: E402
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import fastprompt
-from conftest import tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig  # noqa: E402
@@ -39,7 +39,8 @@ def _losses(model, batch, steps=10, lr=1e-1):
 
 
 @pytest.mark.parametrize("quant", list(QUANT))
-@pytest.mark.parametrize("kw", [dict(method="ptv2"), dict(method="prompt"), dict(method="lpt", start_layer=1), dict(method="ptv2", start_layer=1, checkpointing=True)], ids=["ptv2", "prompt", "lpt", "ptv2-L1-ckpt"])
+@pytest.mark.parametrize("kw", [dict(method="ptv2"), dict(method="prompt"), dict(method="lpt", start_layer=1),
+                                dict(method="ptv2", start_layer=1, checkpointing=True)], ids=["ptv2", "prompt", "lpt", "ptv2-L1-ckpt"])
 def test_quantised_decoder_trains(saved, quant, kw):
     model = AutoModelForCausalLM.from_pretrained(saved / "llama", quantization_config=QUANT[quant]())
     assert any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in model.modules())

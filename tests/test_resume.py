@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import model_inputs, tiny_model
 
 import fastprompt
-from conftest import model_inputs, tiny_model
 from fastprompt.checkpoint import load_checkpoint, save_checkpoint
 
 

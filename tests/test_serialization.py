@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 
 import pytest
 import torch
+from conftest import model_inputs, output_tensor, tiny_model
 
 import fastprompt
-from conftest import model_inputs, output_tensor, tiny_model
 from fastprompt import PromptLoadError
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import fastprompt
 from conftest import model_inputs, output_tensor, tiny_model
 from reference import PREFIX, REF_IMPL, self_attention_modules
+
+import fastprompt
 
 
 def _grad_modes(model, arch):

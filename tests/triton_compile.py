@@ -25,6 +25,7 @@ from triton_harness import ptxas_report  # noqa: E402
 
 from fastprompt.kernels import triton_prefix_attention as kern  # noqa: E402
 
+
 class _Recorder:
     """Stands in for a @triton.jit kernel: `rec[grid](*args, **kwargs)` records the launch."""
 

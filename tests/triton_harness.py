@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 def _patch_interpreter():
-    from triton.runtime import interpreter as it
     import triton.language as tl
+    from triton.runtime import interpreter as it
 
     if getattr(it.InterpreterBuilder, "_fastprompt_patched", False):
         return

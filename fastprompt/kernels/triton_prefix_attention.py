@@ -179,7 +179,6 @@ def _bwd_preprocess(Out, DO, Delta, sob, soh, som, sdb, sdh, sdm, H, S, D,
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < S) & (offs_d[None, :] < D)
     o = _tile(Out + b * sob + h * soh, offs_m, S, som, offs_d, D).to(tl.float32)
     do = _tile(DO + b * sdb + h * sdh, offs_m, S, sdm, offs_d, D).to(tl.float32)
     tl.store(Delta + pid_bh * S + offs_m, tl.sum(o * do, 1), mask=offs_m < S)

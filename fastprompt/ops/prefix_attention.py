@@ -66,7 +66,8 @@ def prefix_attention_inputs(
         _check(_broadcasts(mask.shape, (b, h, s, sk)), f"mask shape {tuple(mask.shape)} does not broadcast to (B, H, S, Sk) = {(b, h, s, sk)}")
         dense = mask
     if bias is not None:
-        _check(bias.dim() == 4 and bias.is_floating_point(), f"bias must be a float tensor broadcastable to (B, H, S, Sk), got {bias.dtype} {tuple(bias.shape)}")
+        _check(bias.dim() == 4 and bias.is_floating_point(),
+               f"bias must be a float tensor broadcastable to (B, H, S, Sk), got {bias.dtype} {tuple(bias.shape)}")
         _check(_broadcasts(bias.shape, (b, h, s, sk)), f"bias shape {tuple(bias.shape)} does not broadcast to (B, H, S, Sk) = {(b, h, s, sk)}")
     for name, t in (("mask", mask), ("bias", bias)):
         _check(t is None or t.device == q.device, f"{name} is on {t.device if t is not None else None}, q on {q.device}")

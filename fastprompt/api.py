@@ -48,7 +48,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if runtime_of(inner) is not None else model
 
 
-def _runtime(model):
+def patched_runtime(model):
+    """The PromptRuntime of a patched model (wrappers unwrapped), or RuntimeError saying to patch first."""
     runtime = runtime_of(unwrap(model))
     if runtime is None:
         raise RuntimeError("this model is not patched by fastprompt; call fastprompt.patch(model, ...) first")
@@ -57,13 +58,13 @@ def _runtime(model):
 
 def prompt_config(model: nn.Module) -> PromptConfig:
     """The PromptConfig a patched model was patched with."""
-    return _runtime(model).config
+    return patched_runtime(model).config
 
 
 def prompt_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable tensors: the prompt's parameters, then the task head's when train_head
     (also through a DistributedDataParallel-style wrapper)."""
-    runtime = _runtime(model)
+    runtime = patched_runtime(model)
     model = unwrap(model)
     params = list(runtime.prompts.parameters())
     for name in runtime.head_names:
@@ -86,7 +87,7 @@ def cache_lower_layers(model: nn.Module, dtype=None, path=None):
     from .integration.architectures import fingerprint
     from .integration.lower_cache import LowerLayerCache, install_lower_cache
 
-    runtime = _runtime(model)
+    runtime = patched_runtime(model)
     model = unwrap(model)
     if runtime.config.start_layer == 0:
         raise ValueError("the lower-layer cache needs prompts from a start_layer > 0 (nothing runs below layer 0)")

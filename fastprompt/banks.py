@@ -12,8 +12,8 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from .api import _runtime, unwrap
-from .integration.patching import _prompt_init
+from .api import patched_runtime, unwrap
+from .integration.patching import prompt_init
 from .integration.prompts import LatePromptGenerator, TaskHeads
 
 
@@ -22,7 +22,7 @@ def task_tensors(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
 
     Per-task heads are cut to the task's own label count, so the export loads into a model
     built with num_labels = that count."""
-    runtime = _runtime(model)
+    runtime = patched_runtime(model)
     model = unwrap(model)
     config = runtime.config
     _check_task(config, task, "task")
@@ -55,7 +55,7 @@ def single_task_config(config, task: int):
 
 def copy_into_task(model: nn.Module, tensors: dict[str, torch.Tensor], task: int) -> None:
     """Writes a single-task save's tensors (already validated) into bank slot `task`."""
-    runtime = _runtime(model)
+    runtime = patched_runtime(model)
     model = unwrap(model)
     prompts = runtime.prompts
     keys = getattr(prompts, "task_dim_keys", ())
@@ -95,7 +95,7 @@ def add_task(model: nn.Module, name: str | None = None, num_labels: int | None =
     after adding tasks (or add the new parameters to it). Fill the new task with
     `load_prompts(model, path, task=index)` to import a trained single-task prompt.
     """
-    runtime = _runtime(model)
+    runtime = patched_runtime(model)
     model = unwrap(model)
     config = runtime.config
     prompts = runtime.prompts
@@ -120,7 +120,7 @@ def add_task(model: nn.Module, name: str | None = None, num_labels: int | None =
             if old is None:
                 continue
             if key == "embedding" and not hasattr(prompts, "mlp"):  # a soft prompt: vocabulary init
-                row = _prompt_init(model, dataclasses.replace(config, num_tasks=1), runtime.mode == "insert")
+                row = prompt_init(model, dataclasses.replace(config, num_tasks=1), runtime.mode == "insert")
             else:
                 row = torch.randn_like(old[:1])  # N(0, 1) as at patch time
             setattr(prompts, key, nn.Parameter(torch.cat([old.detach(), row.to(old)]), requires_grad=True))

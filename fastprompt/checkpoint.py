@@ -19,7 +19,8 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .serialization import PromptLoadError, _atomic_write, load_prompts, save_prompts
+from .serialization import load_prompts, save_prompts
+from .storage import PromptLoadError, atomic_write
 
 POINTER = "latest.json"
 STATE = "state.json"
@@ -75,9 +76,9 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, step
         "state": state or {},
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    _atomic_write(folder / TENSORS, blob)
-    _atomic_write(folder / STATE, (json.dumps(meta, indent=1) + "\n").encode())
-    _atomic_write(root / POINTER, (json.dumps({"latest": folder.name, "step": step}) + "\n").encode())
+    atomic_write(folder / TENSORS, blob)
+    atomic_write(folder / STATE, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(root / POINTER, (json.dumps({"latest": folder.name, "step": step}) + "\n").encode())
     saves = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in saves[: max(len(saves) - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)

@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .api import _runtime, patch, prompt_parameters, unwrap
+from .api import patch, patched_runtime, prompt_parameters, unwrap
 from .config import PromptConfig
 from .integration.architectures import fingerprint, spec_for
 from .integration.patching import runtime_of
-from .serialization import PromptLoadError, _atomic_write, read_json_object
+from .storage import PromptLoadError, atomic_write, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -109,7 +109,7 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
                               f"the model's { {k: tuple(v.shape) for k, v in current.items()} }")
 
     patch(model, config)
-    runtime = _runtime(model)
+    runtime = patched_runtime(model)
     model = unwrap(model)
     with torch.no_grad():
         if method == "ptv2":
@@ -132,7 +132,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, *, task: int | None = Non
     PROMPT_TUNING. A bank needs `task`. PEFT's outputs equal fastprompt's when the model was
     patched with peft_positions=True (and for input prompts on rotary models in any case).
     """
-    runtime = _runtime(model)
+    runtime = patched_runtime(model)
     model = unwrap(model)
     config = runtime.config
     stack = _single_stack(model, "to_peft")
@@ -172,6 +172,6 @@ def to_peft(model: nn.Module, path: str | os.PathLike, *, task: int | None = Non
     cfg["peft_version"] = f"fastprompt-{__version__}"
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / ADAPTER_WEIGHTS, safetensors.torch.save(tensors))
-    _atomic_write(out / ADAPTER_CONFIG, (json.dumps(cfg, indent=2) + "\n").encode())
+    atomic_write(out / ADAPTER_WEIGHTS, safetensors.torch.save(tensors))
+    atomic_write(out / ADAPTER_CONFIG, (json.dumps(cfg, indent=2) + "\n").encode())
     return out

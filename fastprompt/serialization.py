@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
@@ -20,11 +19,12 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .api import _runtime, patch, prompt_parameters, unwrap
+from .api import patch, patched_runtime, prompt_parameters, unwrap
 from .banks import copy_into_task, single_task_config, task_tensors
 from .config import PromptConfig
 from .integration.architectures import fingerprint
 from .integration.patching import head_shapes, prompt_shapes, runtime_of
+from .storage import PromptLoadError, atomic_write, read_json_object
 
 TENSORS_FILE = "prompts.safetensors"
 CONFIG_FILE = "fastprompt.json"
@@ -33,26 +33,6 @@ _JSON_FIELDS = {
     "format_version", "library_version", "method", "num_tokens", "start_layer", "dtype", "config", "fingerprint",
     "heads", "reparam_weights", "tensors_sha256",
 }
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: a reader sees the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -106,7 +86,7 @@ def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None 
     A model sharded with FSDP2 (`fully_shard`) or DeepSpeed ZeRO-3: call it on every rank (the
     prompts are gathered, a collective); rank 0 writes.
     """
-    runtime = _runtime(model)
+    runtime = patched_runtime(model)
     model = unwrap(model)
     if not isinstance(reparam_weights, bool):
         raise ValueError(f"reparam_weights must be True or False, got {reparam_weights!r}")
@@ -133,26 +113,9 @@ def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None 
         # renames is detected at load instead of pairing an old config with new tensors
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    _atomic_write(out / TENSORS_FILE, blob)
-    _atomic_write(out / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(out / TENSORS_FILE, blob)
+    atomic_write(out / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     return out
-
-
-class PromptLoadError(ValueError):
-    """A saved prompt cannot be loaded into this model; the message says why."""
-
-
-def read_json_object(f: Path, expected: str) -> dict:
-    """A JSON object from file f, or PromptLoadError naming the file and what was expected there."""
-    if not f.is_file():
-        raise PromptLoadError(f"{f}: no such file (expected {expected})")
-    try:
-        meta = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PromptLoadError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise PromptLoadError(f"{f}: expected a JSON object")
-    return meta
 
 
 def read_prompt_config(path: str | os.PathLike) -> tuple[PromptConfig, dict]:

@@ -55,6 +55,19 @@ def concat_attention(q, k, v, pk=None, pv=None, visible=None, bias=None, scale=N
     return (probs @ v.double()).to(q.dtype)
 
 
+def concat_attention_per_example(q, k, v, pk, pv, ids=None, visible=None, bias=None, scale=None):
+    """concat_attention example by example, in float64: each example's prefix picked from the bank
+    (T, Hkv, P, D) by ids (B,), or the shared (Hkv, P, D) one; visible / bias broadcastable to
+    (B, H, S, Sk)."""
+    outs = []
+    for i in range(q.shape[0]):
+        a, b_ = (pk, pv) if ids is None else (pk[ids[i]], pv[ids[i]])
+        vis = None if visible is None else visible[i : i + 1] if visible.shape[0] > 1 else visible
+        bi = None if bias is None else bias[i : i + 1] if bias.shape[0] > 1 else bias
+        outs.append(concat_attention(q[i : i + 1].double(), k[i : i + 1].double(), v[i : i + 1].double(), a.double(), b_.double(), vis, bi, scale))
+    return torch.cat(outs)
+
+
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     s, sk = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import concat_attention
+from reference import concat_attention_per_example
 
 from fastprompt.kernels import aten_prefix_attention as aten
 from fastprompt.kernels.aten_kernels import CUDA_KERNELS, REFERENCE_KERNELS
@@ -37,14 +37,7 @@ def _inputs(b, h, hkv, s, sk, p, d, dtype=torch.float32, bank=0, seed=0, layout=
     return q, k, v, r(*shape), r(*shape)
 
 
-def _reference(q, k, v, pk, pv, ids=None, visible=None, bias=None, scale=None):
-    outs = []
-    for i in range(q.shape[0]):
-        a, b_ = (pk, pv) if ids is None else (pk[ids[i]], pv[ids[i]])
-        vis = None if visible is None else visible[i : i + 1] if visible.shape[0] > 1 else visible
-        bi = None if bias is None else bias[i : i + 1] if bias.shape[0] > 1 else bias
-        outs.append(concat_attention(q[i : i + 1].double(), k[i : i + 1].double(), v[i : i + 1].double(), a.double(), b_.double(), vis, bi, scale))
-    return torch.cat(outs)
+_reference = concat_attention_per_example  # per example, the bank row picked, float64
 
 
 def _padding(b, sk, kind, seed=0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import concat_attention
+from reference import concat_attention_per_example
 
 from fastprompt.ops import prefix_attention, runnable
 
@@ -17,15 +17,7 @@ def _inputs(b, h, hkv, s, sk, p, d, dtype, bank=0, seed=0):
     return q, k, v, r(*shape), r(*shape)
 
 
-def _reference(q, k, v, pk, pv, ids=None, visible=None, bias=None, scale=None):
-    """Per example: prefix picked from the bank, concatenated explicitly, float64."""
-    outs = []
-    for i in range(q.shape[0]):
-        a, b_ = (pk, pv) if ids is None else (pk[ids[i]], pv[ids[i]])
-        vis = None if visible is None else visible[i : i + 1] if visible.shape[0] > 1 else visible
-        bi = None if bias is None else bias[i : i + 1] if bias.shape[0] > 1 else bias
-        outs.append(concat_attention(q[i : i + 1].double(), k[i : i + 1].double(), v[i : i + 1].double(), a.double(), b_.double(), vis, bi, scale))
-    return torch.cat(outs)
+_reference = concat_attention_per_example  # per example, the bank row picked, float64
 
 
 def _grads(out, tensors, w):

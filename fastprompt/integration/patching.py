@@ -162,7 +162,7 @@ def _embed_for_insertion(model, ids: torch.Tensor) -> torch.Tensor:
         return model.get_input_embeddings()(ids)
 
 
-def _prompt_init(model, config, insert: bool) -> torch.Tensor:
+def prompt_init(model, config, insert: bool) -> torch.Tensor:
     """(T, P, hidden): each task's prompt from init_token_ids or random vocabulary embeddings."""
     emb = model.get_input_embeddings()
     vocab = emb.weight.shape[0]
@@ -479,7 +479,7 @@ def install(model: nn.Module, config) -> PromptRuntime:
         if config.start_layer != 0:
             raise ValueError(f"start_layer must be 0 for method='prompt' (the prompt is at the input), got {config.start_layer}")
         insert = not stacks[0].causal
-        prompts = SoftPrompt(_prompt_init(model, config, insert))
+        prompts = SoftPrompt(prompt_init(model, config, insert))
         mode = "insert" if insert else "prompt_kv"
     else:  # "lpt"
         prompts = LatePromptBank(fp["hidden_size"], config.num_tokens, config.generator, config.generator_hidden, config.num_tasks)

@@ -38,23 +38,6 @@ def _baseline(rev: str):
     return lambda q, k, v, pk, pv, c: mod.prefix_attention_cpu(q, k, v, pk, pv, None, None, c, q.shape[-1] ** -0.5, None, 0.0)
 
 
-def _inputs(dtype, b, h, hkv, s, p, d):
-    g = torch.Generator().manual_seed(0)
-
-    def r(*sh):
-        return torch.randn(*sh, generator=g).to(dtype).requires_grad_(True)
-
-    return r(b, s, h, d).transpose(1, 2), r(b, s, hkv, d).transpose(1, 2), r(b, s, hkv, d).transpose(1, 2), r(hkv, p, d), r(hkv, p, d)
-
-
-def _sdpa(q, k, v, pk, pv, causal):
-    b, s, p, g = q.shape[0], q.shape[2], pk.shape[1], q.shape[1] // k.shape[1]
-    kk = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), k], 2).repeat_interleave(g, 1)
-    vv = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), v], 2).repeat_interleave(g, 1)
-    mask = torch.ones(s, p + s, dtype=torch.bool).tril(diagonal=p) if causal else None
-    return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", default="584b9a9")
@@ -63,15 +46,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "cpu_backend_ab.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    sys.path.insert(0, str(HERE))
+    import test_kernels as tk  # the kernel benchmarks' inputs and their SDPA-on-concatenation peer
+
     from fastprompt.ops import prefix_attention
 
-    impls = {"sdpa_concat": _sdpa, f"cpu@{args.baseline}": _baseline(args.baseline),
+    impls = {"sdpa_concat": lambda q, k, v, pk, pv, c: tk.run("sdpa_concat", (q, k, v, pk, pv), c), f"cpu@{args.baseline}": _baseline(args.baseline),
              "cpu": lambda q, k, v, pk, pv, c: prefix_attention(q, k, v, pk, pv, causal=c, backend="cpu")}
     rows = []
     for shape in [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]:
         for dtype in (torch.float32, torch.bfloat16):
             for causal in (False, True):
-                x = _inputs(dtype, *shape)
+                x = tk.make_inputs(shape, dtype)
                 dout = torch.randn_like(x[0])
                 for mode in ("fwd", "fwd+bwd"):
                     times = {n: [] for n in impls}

@@ -47,6 +47,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from measure import median_seconds  # noqa: E402
 
 import fastprompt  # noqa: E402
 from fastprompt.ops import prefix_attention, prefix_attention_inputs  # noqa: E402
@@ -184,16 +187,7 @@ def _timer(device):
 
         return events
 
-    def wall(fn, n=5):
-        fn()
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    return wall
+    return median_seconds
 
 
 def _sync(device):

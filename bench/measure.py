@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Wall-clock median of `repeats` calls of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def saved_bytes(run, exclude) -> tuple[int, object]:

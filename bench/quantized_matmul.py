@@ -10,22 +10,11 @@ uses for each format. Median of 5, after a warm-up.
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
-import time
 import warnings
 
 import torch
-
-
-def _time(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from measure import median_seconds  # bench/ is on the path when run as a script
 
 
 def main() -> int:
@@ -48,10 +37,10 @@ def main() -> int:
                 q.weight = bnb.nn.Params4bit(w.to(dtype), requires_grad=False, quant_type="nf4", compress_statistics=False, module=q).to("cpu")
                 q.support_avx512bf16_for_cpu = False  # the training path (no inference repack)
             x = torch.randn(tokens, n_in, dtype=dtype, requires_grad=True)
-            fwd = _time(lambda: q(x))
+            fwd = median_seconds(lambda: q(x))
             y = q(x)
             g = torch.ones_like(y)
-            bwd = _time(lambda: torch.autograd.grad(y, x, g, retain_graph=True))
+            bwd = median_seconds(lambda: torch.autograd.grad(y, x, g, retain_graph=True))
             print(f"  {fmt:<5}{str(dtype)[6:]:<10}{flops / fwd / 1e9:8.1f} / {flops / bwd / 1e9:6.1f}")
     return 0
 

@@ -221,7 +221,8 @@ def sequence_part(x: AttentionInputs, kernels=CUDA_KERNELS):
         # non-causal: an example without real keys sees only the prefix
         dead = None if x.causal else x.key_padding.any(-1).logical_not().view(b, 1, 1)
         return FlashVarlen(kernels, plan, x.causal, x.scale), dead
-    return EfficientBias(kernels, x.additive_bias(x.q.dtype, align=16), x.scale), x.dead_rows()
+    bias = x.additive_bias(x.q.dtype, align=16)
+    return EfficientBias(kernels, bias, x.scale), x.dead_rows_of(bias)
 
 
 def prefix_attention_aten(x: AttentionInputs, kernels=CUDA_KERNELS) -> torch.Tensor:

@@ -84,12 +84,6 @@ class PrefixByCpuFlash:
     def __init__(self, scale: float, groups):
         self.scale, self.groups = scale, groups
 
-    def tensors(self):
-        return ()
-
-    def with_tensors(self, tensors):
-        return self
-
     def forward(self, q, pk, pv):
         b, h, s, d = q.shape
         if self.groups is None:
@@ -134,7 +128,7 @@ def prefix_attention_cpu(x: AttentionInputs) -> torch.Tensor:
         # one additive bias: key padding, mask, bottom-right causal (the kernel's flag is top-left)
         attn_bias = x.additive_bias(x.q.dtype)
         causal = False
-        dead = x.dead_rows()
+        dead = x.dead_rows_of(attn_bias)
         dead = dead if dead is not None and bool(dead.any()) else None
         if attn_bias is not None and attn_bias.shape[0] != b:
             attn_bias = attn_bias.expand(b, *attn_bias.shape[1:])

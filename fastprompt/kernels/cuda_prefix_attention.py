@@ -65,10 +65,7 @@ def prefix_attention_cuda(x: AttentionInputs) -> torch.Tensor:
         raise ValueError("the cuda backend does not support dropout; use backend='torch'")
     if x.needs_grad:
         raise ValueError("the cuda backend is forward-only (inference); use backend='aten' or 'triton' to train")
-    # key padding and the mask are one strided bool mask; the kernel applies causal itself
-    mask = x.padding_visible()
-    if x.mask is not None:
-        mask = x.mask if mask is None else mask & x.mask
+    mask = x.bool_mask()  # one strided bool mask; the kernel applies causal itself
     out, _ = _extension().forward(x.q, x.k, x.v, x.prefix_k, x.prefix_v, x.prompt_ids, mask, x.bias, bool(x.causal), float(x.scale))
     return out
 

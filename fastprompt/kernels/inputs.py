@@ -76,12 +76,18 @@ class AttentionInputs:
         rows = kp.narrow(1, kp.shape[1] - s, s).unsqueeze(1).unsqueeze(-1)  # (B, 1, S, 1): the query tokens
         return keys & rows
 
-    def visible(self) -> torch.Tensor | None:
-        """Bool broadcastable to (B, H, S, Sk), True = attend: key padding, mask and causal composed
-        (the bias's -inf entries not included); None when every sequence key is visible."""
+    def bool_mask(self) -> torch.Tensor | None:
+        """Key padding (with the causal padded-query rule) and the mask as one bool tensor
+        broadcastable to (B, H, S, Sk), causal left out: for kernels that apply causal themselves."""
         vis = self.padding_visible()
         if self.mask is not None:
             vis = self.mask if vis is None else vis & self.mask
+        return vis
+
+    def visible(self) -> torch.Tensor | None:
+        """Bool broadcastable to (B, H, S, Sk), True = attend: key padding, mask and causal composed
+        (the bias's -inf entries not included); None when every sequence key is visible."""
+        vis = self.bool_mask()
         if self.causal:
             c = self.causal_visible().unsqueeze(0).unsqueeze(0)
             vis = c if vis is None else vis & c
@@ -110,12 +116,15 @@ class AttentionInputs:
             out = torch.nn.functional.pad(out, (0, width - sk)).narrow(-1, 0, sk)
         return out
 
-    def dead_rows(self) -> torch.Tensor | None:
-        """Bool broadcastable to (B, H, S): query rows that see no sequence key (the prefix only);
-        None when there can be none. No device sync: fused kernels report such rows inconsistently
+    @staticmethod
+    def dead_rows_of(bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Bool (B|1, H|1, S): rows of an `additive_bias` that see no sequence key (the prefix only),
+        or None without a bias. No device sync: fused kernels report such rows inconsistently
         (0, -inf or +inf LSE, NaN output), so callers overwrite them unconditionally."""
-        vis = self.visible()
-        if self.bias is not None:
-            finite = self.bias > torch.finfo(self.bias.dtype).min / 2
-            vis = finite if vis is None else vis & finite
-        return None if vis is None else vis.any(-1).logical_not()
+        if bias is None:
+            return None
+        return (bias > torch.finfo(bias.dtype).min / 2).any(-1).logical_not()
+
+    def dead_rows(self) -> torch.Tensor | None:
+        """`dead_rows_of` this call's additive bias."""
+        return self.dead_rows_of(self.additive_bias(torch.float32))

@@ -41,9 +41,13 @@ class SequencePart(Protocol):
     def with_tensors(self, tensors) -> "SequencePart":
         """The same part holding the unpacked saved tensors."""
 
+    def upcast(self) -> "SequencePart":
+        """The same part for float32 inputs; needed only by backends that ask for upcast_backward."""
+
 
 class PrefixPart(Protocol):
-    """Attention of every query over the prefix alone (or its example's prompt of a bank)."""
+    """Attention of every query over the prefix alone (or its example's prompt of a bank); it holds
+    no tensors of its own (only the prompt grouping), so it is kept as it is for backward."""
 
     def forward(self, q, pk, pv) -> tuple[torch.Tensor, torch.Tensor]:
         """-> out (B, H, S, D) (any float dtype), LSE (B, H, S) float32."""
@@ -51,9 +55,6 @@ class PrefixPart(Protocol):
     def backward(self, dout, q, pk, pv, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Given the merged out and LSE: dq (B, H, S, D) and the prefix gradients, batch-reduced."""
 
-    def tensors(self) -> tuple[torch.Tensor, ...]: ...
-
-    def with_tensors(self, tensors) -> "PrefixPart": ...
 
 
 def merge(out_s, lse_s, out_p, lse_p, dead=None):
@@ -91,7 +92,7 @@ class MergedPrefixAttention(torch.autograd.Function):
 
     seq, prefix: the parts (above); dead: (B|1, H|1, S) bool or None; upcast_backward: run both
     backward kernels in float32 (the CPU backend asks for it where fp32 kernels are faster).
-    Only q, k, v, the prefix, the parts' own tensors, the merged output and LSE are saved.
+    Only q, k, v, the prefix, the sequence part's own tensors, the merged output and LSE are saved.
     """
 
     @staticmethod
@@ -100,19 +101,17 @@ class MergedPrefixAttention(torch.autograd.Function):
         out_p, lse_p = prefix.forward(q, pk, pv)
         out, lse = merge(out_s, lse_s, out_p, lse_p, dead)
         ctx.upcast = upcast_backward
-        ctx.n_seq = len(seq.tensors())
-        ctx.save_for_backward(q, k, v, pk, pv, out, lse, *seq.tensors(), *prefix.tensors())
+        ctx.save_for_backward(q, k, v, pk, pv, out, lse, *seq.tensors())
         # the parts are rebuilt from the saved tensors in backward: checkpointing may drop and
         # recompute them, so the objects must not keep their own references alive
-        ctx.parts = (seq.with_tensors(()), prefix.with_tensors(()))
+        ctx.parts = (seq.with_tensors(()), prefix)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, pk, pv, out, lse, *rest = ctx.saved_tensors
         seq, prefix = ctx.parts
-        seq = seq.with_tensors(rest[: ctx.n_seq])
-        prefix = prefix.with_tensors(rest[ctx.n_seq :])
+        seq = seq.with_tensors(rest)
         low = q.dtype if ctx.upcast and q.dtype in (torch.float16, torch.bfloat16) else None
         if low is not None:
             # transient casts: the saved tensors stay low precision

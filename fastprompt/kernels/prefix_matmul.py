@@ -95,12 +95,6 @@ class PrefixByMatmul:
     def __init__(self, scale: float, groups: list[tuple[torch.Tensor, int]] | None = None):
         self.scale, self.groups = scale, groups
 
-    def tensors(self):
-        return ()
-
-    def with_tensors(self, tensors):
-        return self
-
     def forward(self, q, pk, pv):
         b, h, s, d = q.shape
         hkv = pk.shape[-3]

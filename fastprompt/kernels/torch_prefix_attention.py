@@ -13,6 +13,7 @@ import torch
 
 from .declaration import Backend
 from .inputs import AttentionInputs
+from .prefix_matmul import prompt_groups
 
 
 def _rows_by_kv_head(x: torch.Tensor) -> torch.Tensor:
@@ -27,22 +28,13 @@ def _rows_back(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.view(hkv, b, br // b, d).transpose(0, 1)
 
 
-def _prompt_groups(prompt_ids: torch.Tensor | None):
-    """Yields (example indices or None for all, prompt index)."""
-    if prompt_ids is None:
-        yield None, None
-        return
-    for t in torch.unique(prompt_ids).tolist():
-        yield (prompt_ids == t).nonzero(as_tuple=True)[0], int(t)
-
-
 def _prefix_scores(qg, prefix_k, prompt_ids):
     """qg: (B, Hkv, G*S, D); prefix_k: (Hkv, P, D) or (T, Hkv, P, D) -> (B, Hkv, G*S, P)."""
     b = qg.shape[0]
     if prompt_ids is None:
         return _rows_back(torch.bmm(_rows_by_kv_head(qg), prefix_k.transpose(1, 2)), b)
     out = qg.new_empty(*qg.shape[:3], prefix_k.shape[-2])
-    for idx, t in _prompt_groups(prompt_ids):
+    for idx, t in prompt_groups(prompt_ids):
         sub = qg.index_select(0, idx)
         out[idx] = _rows_back(torch.bmm(_rows_by_kv_head(sub), prefix_k[t].transpose(1, 2)), sub.shape[0])
     return out
@@ -54,7 +46,7 @@ def _prefix_values(probs, prefix_v, prompt_ids):
     if prompt_ids is None:
         return _rows_back(torch.bmm(_rows_by_kv_head(probs), prefix_v), b)
     out = probs.new_empty(*probs.shape[:3], prefix_v.shape[-1])
-    for idx, t in _prompt_groups(prompt_ids):
+    for idx, t in prompt_groups(prompt_ids):
         sub = probs.index_select(0, idx)
         out[idx] = _rows_back(torch.bmm(_rows_by_kv_head(sub), prefix_v[t]), sub.shape[0])
     return out

@@ -3,6 +3,7 @@ asking the dispatcher what runs does not import Triton (a second of start-up).""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -16,6 +17,11 @@ def _run(x: AttentionInputs) -> torch.Tensor:
     from .triton_prefix_attention import prefix_attention_triton
 
     return prefix_attention_triton(x)
+
+
+@functools.cache
+def _installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _refuses(x: AttentionInputs) -> str | None:
@@ -32,7 +38,7 @@ BACKEND = Backend(
     devices=frozenset({"cuda", "cpu"}),
     dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16}),
     fn=_run,
-    available=lambda: importlib.util.find_spec("triton") is not None,
+    available=_installed,
     head_dims=(16, 256),
     dropout=False,
     refuses=_refuses,

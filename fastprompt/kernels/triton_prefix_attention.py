@@ -530,10 +530,7 @@ def prefix_attention_triton(x: AttentionInputs) -> torch.Tensor:
     """Normalised inputs -> (B, H, S, D); no dropout. Runs on CUDA, or anywhere under TRITON_INTERPRET=1."""
     if x.dropout_p:
         raise ValueError("the triton backend does not support dropout; use backend='torch'")
-    # key padding and the mask are one strided bool mask; the kernel applies causal itself
-    mask = x.padding_visible()
-    if x.mask is not None:
-        mask = x.mask if mask is None else mask & x.mask
+    mask = x.bool_mask()  # one strided bool mask; the kernel applies causal itself
     q, k, v, pk, pv = x.q, x.k, x.v, x.prefix_k, x.prefix_v
     if q.shape[2] == 1 and q.is_cuda and not triton.knobs.runtime.interpret:
         # decode (one query row against a long cache) leaves these kernels one program per (b, h)

@@ -86,24 +86,39 @@ def backends() -> list[Backend]:
     return list(BACKENDS.values())
 
 
-def choose(x: AttentionInputs, name: str | None = None) -> tuple[Backend, Choice]:
-    """The backend for x (the one named, or the first in x's device's priority list that accepts
-    it) and the explanation. Raises ValueError naming the reason when none can run."""
+def _order(x: AttentionInputs) -> list[str]:
     order = PRIORITY.get(x.q.device.type, DEFAULT_PRIORITY)
-    if name is None and "triton" not in order[:1] and _measured_faster(x):
+    if "triton" not in order[:1] and _measured_faster(x):
         order = ["triton"] + [n for n in order if n != "triton"]  # measured faster for these inputs
-    reasons = {n: b.why_not(x) for n, b in BACKENDS.items()}
+    return order
+
+
+def select(x: AttentionInputs, name: str | None = None) -> Backend:
+    """The backend that runs x: the one named, or the first in x's device's priority list that
+    accepts it (asking only until one does: this runs for every layer of every forward). Raises
+    ValueError naming the reason when none can run."""
     if name is not None:
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
-        if reasons[name]:
-            raise ValueError(f"backend={name!r} {reasons[name]}")
-        chosen = name
-    else:
-        chosen = next((n for n in order if reasons[n] is None), None)
-        if chosen is None:
-            detail = "; ".join(f"{n} {reasons[n]}" for n in order)
-            raise ValueError(f"no prefix-attention backend supports these inputs: {detail}")
+        reason = BACKENDS[name].why_not(x)
+        if reason:
+            raise ValueError(f"backend={name!r} {reason}")
+        return BACKENDS[name]
+    order = _order(x)
+    reasons = {}
+    for n in order:
+        reasons[n] = BACKENDS[n].why_not(x)
+        if reasons[n] is None:
+            return BACKENDS[n]
+    detail = "; ".join(f"{n} {reasons[n]}" for n in order)
+    raise ValueError(f"no prefix-attention backend supports these inputs: {detail}")
+
+
+def choose(x: AttentionInputs, name: str | None = None) -> tuple[Backend, Choice]:
+    """`select`, with the explanation: why every other backend refused (asks them all)."""
+    chosen = select(x, name).name
+    order = _order(x) if name is None else PRIORITY.get(x.q.device.type, DEFAULT_PRIORITY)
+    reasons = {n: b.why_not(x) for n, b in BACKENDS.items()}
     refused = {n: reasons[n] or "can run, but comes later in the priority list" for n in order if n != chosen}
     refused.update({n: reasons[n] or "runs only when named" for n in BACKENDS if n not in order and n != chosen})
     return BACKENDS[chosen], Choice(chosen, refused, order)

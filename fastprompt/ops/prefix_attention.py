@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.inputs import AttentionInputs
-from .dispatch import Choice, choose
+from .dispatch import Choice, choose, select
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -107,8 +107,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, backend: str | None = None,
     Returns (B, H, S, D) in q's dtype.
     """
     x = prefix_attention_inputs(q, k, v, prefix_k, prefix_v, **kwargs)
-    impl, _ = choose(x, backend)
-    return impl.fn(x)
+    return select(x, backend).fn(x)
 
 
 def explain_backend(q, k, v, prefix_k, prefix_v, *, backend: str | None = None, **kwargs) -> Choice:

@@ -53,7 +53,9 @@ class PrefixPart(Protocol):
         """-> out (B, H, S, D) (any float dtype), LSE (B, H, S) float32."""
 
     def backward(self, dout, q, pk, pv, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Given the merged out and LSE: dq (B, H, S, D) and the prefix gradients, batch-reduced."""
+        """Given the merged out and LSE: dq (B, H, S, D) and the prefix gradients, batch-reduced.
+        dq may be float32 for low-precision inputs: the merge adds it to the sequence part's dq
+        before the one rounding to the input dtype."""
 
 
 
@@ -119,7 +121,12 @@ class MergedPrefixAttention(torch.autograd.Function):
             seq = seq.upcast()
         dq, dk, dv = seq.backward(dout, q, k, v, out, lse)
         dq_p, dpk, dpv = prefix.backward(dout, q, pk, pv, out, lse)
-        dq = dq.add_(dq_p)  # dq is the kernel's fresh buffer
+        if dq_p.dtype == dq.dtype:
+            dq = dq.add_(dq_p)  # dq is the kernel's fresh buffer
+        else:
+            # the prefix part's float32 dq takes the sum, rounded once: adding two rounded halves
+            # in bf16 took dq's error past 3x the concatenated SDPA's (bench/gpu_check.py)
+            dq = dq_p.add_(dq).to(dq.dtype)
         if low is not None:
             dq, dk, dv, dpk, dpv = (t.to(low) for t in (dq, dk, dv, dpk, dpv))
         return dq, dk, dv, dpk, dpv, None, None, None, None

@@ -118,15 +118,15 @@ class PrefixByMatmul:
             dq, dpk, dpv = _attend_backward(
                 _rows(dout, hkv), _rows(q, hkv), _rows(out, hkv), _rows(lse4, hkv).squeeze(-1), pk, pv, self.scale
             )
-            return _unrows(dq, b, h, s).to(q.dtype), dpk.to(pk.dtype), dpv.to(pv.dtype)
-        dq = torch.zeros(b, h, s, d, dtype=q.dtype, device=q.device)
+            return _unrows(dq, b, h, s), dpk.to(pk.dtype), dpv.to(pv.dtype)
+        dq = torch.zeros(b, h, s, d, dtype=torch.float32, device=q.device)
         gk, gv = {}, {}
         for idx, t in self.groups:
             gq, gk[t], gv[t] = _attend_backward(
                 _rows(dout, hkv, idx), _rows(q, hkv, idx), _rows(out, hkv, idx), _rows(lse4, hkv, idx).squeeze(-1),
                 pk.select(0, t), pv.select(0, t), self.scale,
             )
-            dq.index_copy_(0, idx, _unrows(gq, idx.numel(), h, s).to(q.dtype))
+            dq.index_copy_(0, idx, _unrows(gq, idx.numel(), h, s))
         # prompts no example used get zeros; each prompt's gradient is written once (deterministic)
         zero = torch.zeros_like(pk.select(0, 0))
         dpk = torch.stack([gk[t].to(pk.dtype) if t in gk else zero for t in range(pk.shape[0])])

@@ -14,6 +14,7 @@ import pytest
 import transformers as tf
 
 from fastprompt import cli, load_prompts, prompt_config
+from fastprompt.training.loop import default_model_path
 
 CONLL = """-DOCSTART- -X- -X- O
 
@@ -36,7 +37,7 @@ met VBD B-VP O
 
 
 def _write_model(folder, kind, task):
-    tokenizer = tf.AutoTokenizer.from_pretrained(cli.default_model_path())
+    tokenizer = tf.AutoTokenizer.from_pretrained(default_model_path())
     vocab = tokenizer.vocab_size
     if kind == "encoder":
         config = tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
@@ -45,7 +46,8 @@ def _write_model(folder, kind, task):
         config = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
                                 num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
     config.num_labels = 2 if task == "seq" else 9
-    cls = tf.AutoModelForSequenceClassification if task == "seq" else tf.AutoModelForTokenClassification
+    cls = {"seq": tf.AutoModelForSequenceClassification, "token": tf.AutoModelForTokenClassification,
+           "qa": tf.AutoModelForQuestionAnswering}[task]
     cls.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -54,7 +56,8 @@ def _write_model(folder, kind, task):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_models")
-    return {(kind, task): str(_write_model(root / f"{kind}-{task}", kind, task)) for kind in ("encoder", "decoder") for task in ("seq", "token")}
+    return {(kind, task): str(_write_model(root / f"{kind}-{task}", kind, task)) for kind in ("encoder", "decoder")
+            for task in ("seq", "token", "qa")}
 
 
 FLAGS = {
@@ -127,3 +130,103 @@ def test_bad_flag_combinations_exit_2_with_the_reason(tmp_path, capsys, models, 
         cli.main(["train", "--model", models[("decoder", "seq")], "--steps", "1", "--out", str(tmp_path / "p"), *argv])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+MRPC_HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+
+
+def _mrpc_like(path, n=24):
+    """A GLUE MRPC-format file as the GLUE script writes it: a BOM, the real column names, and an
+    unbalanced quote inside a field."""
+    rows = [f"{i % 2}\t{i}\t{i + 100}\tThe \"company said {i} shares rose .\tShares of the company rose by {i} ." for i in range(n)]
+    path.write_text(MRPC_HEADER + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_sentence_pairs_train_then_predict_with_label_names(tmp_path, capsys, models, kind):
+    data = _mrpc_like(tmp_path / "train.tsv")
+    out = tmp_path / "p"
+    code, text = _train(capsys, ["--model", models[(kind, "seq")], "--data", str(data), "--eval", str(data), "--steps", "3",
+                                 "--epochs", "1", "--out", str(out)])
+    assert code == 0, text
+    assert "pairs ('#1 String', '#2 String'), 24 train" in text and "eval accuracy" in text and "f1" in text, text
+    import json
+
+    info = json.loads((out / "task.json").read_text())
+    assert info["labels"] == ["0", "1"] and info["columns"]["pair"] == "#2 String"
+    evaluated = json.loads((out / "predictions.json").read_text())
+    assert len(evaluated) == 24 and set(evaluated) <= {"0", "1"}
+    # predict on an unlabelled file (GLUE's test layout: no Quality column)
+    test = tmp_path / "test.tsv"
+    test.write_text("index\t#1 String\t#2 String\n0\tA cat sat .\tA cat was sitting .\n1\tIt rained .\tStocks fell .\n", encoding="utf-8")
+    assert cli.main(["predict", "--prompts", str(out), "--data", str(test), "--out", str(tmp_path / "pred.json")]) == 0
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    assert [set(r) for r in pred] == [{"label", "probability"}] * 2 and all(r["label"] in ("0", "1") for r in pred)
+    # the same rows as the eval file give the eval predictions (the saved prompts are the evaluated ones)
+    again = tmp_path / "again.json"
+    assert cli.main(["predict", "--prompts", str(out), "--data", str(data), "--out", str(again)]) == 0
+    assert [r["label"] for r in json.loads(again.read_text())] == evaluated
+
+
+def _squad_like(path, n_paragraphs=3):
+    paragraphs = []
+    for p in range(n_paragraphs):
+        context = (f"Paragraph {p} is about the city of Town{p}. " * 3) + f"Its mayor is Mayor{p} and it has {p + 3} bridges."
+        paragraphs.append({"context": context, "qas": [
+            {"id": f"{p}-who", "question": f"Who is the mayor of Town{p}?", "answers": [{"text": f"Mayor{p}", "answer_start": context.index(f"Mayor{p}")}]},
+            {"id": f"{p}-n", "question": "How many bridges?", "answers": [{"text": f"{p + 3}", "answer_start": context.index(f"{p + 3} bridges")}]},
+        ]})
+    path.write_text(__import__("json").dumps({"version": "1.1", "data": [{"title": "towns", "paragraphs": paragraphs}]}), encoding="utf-8")
+    return path
+
+
+QA_FLAGS = ["defaults", "--method prompt", "--method lpt", "--checkpointing late", "--cache-lower-layers"]
+
+
+@pytest.mark.parametrize("flag", QA_FLAGS)
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_qa_train_then_predict(tmp_path, capsys, models, kind, flag):
+    """`--data squad.json` infers the QA task; windows of 48 tokens make several per context (the
+    default 384 would not); predictions are id -> answer text and `predict` reproduces them."""
+    import json
+
+    data = _squad_like(tmp_path / "train.json")
+    out = tmp_path / "p"
+    code, text = _train(capsys, ["--model", models[(kind, "qa")], "--data", str(data), "--eval", str(data), "--steps", "3", "--epochs", "1",
+                                 "--max-length", "48", "--out", str(out), *FLAGS[flag]])
+    assert code == 0, text
+    assert "task qa" in text and "SQuAD 1.1 questions" in text and "eval F1" in text and "exact" in text, text
+    evaluated = json.loads((out / "predictions.json").read_text())
+    assert set(evaluated) == {f"{p}-{k}" for p in range(3) for k in ("who", "n")}
+    assert cli.main(["predict", "--prompts", str(out), "--data", str(data), "--out", str(tmp_path / "pred.json")]) == 0
+    assert json.loads((tmp_path / "pred.json").read_text()) == evaluated
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--text-pair-column", "b"], "--text-pair-column needs --text-column"),
+        (["--text-column", "body"], "--text-column 'body' is not a column"),
+        (["--task", "qa"], "expected SQuAD JSON"),
+        (["--doc-stride", "0"], "--doc-stride must be positive"),
+    ],
+)
+def test_bad_task_flags_exit_2_with_the_reason(tmp_path, capsys, models, argv, message):
+    data = _mrpc_like(tmp_path / "train.tsv", 4)
+    if "--task" in argv:
+        data = tmp_path / "train.json"
+        data.write_text("{}", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", models[("encoder", "seq")], "--data", str(data), "--steps", "1", "--out", str(tmp_path / "p"), *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_qa_doc_stride_too_long_for_the_window_is_refused(tmp_path, capsys, models):
+    data = _squad_like(tmp_path / "train.json")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", models[("encoder", "qa")], "--data", str(data), "--max-length", "48", "--doc-stride", "40",
+                  "--out", str(tmp_path / "p")])
+    assert e.value.code == 2
+    assert "--doc-stride must be between 1 and" in capsys.readouterr().err

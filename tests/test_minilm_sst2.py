@@ -107,7 +107,7 @@ def test_cli_bad_data_one_line_error(tmp_path, capsys, content, suffix, match):
 
 
 def test_entity_f1_against_hand_counted_spans():
-    from fastprompt.data import entity_f1
+    from fastprompt.training.metrics import entity_f1
 
     gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
     pred = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG", "O"]]

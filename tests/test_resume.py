@@ -13,7 +13,7 @@ import torch
 from conftest import model_inputs, tiny_model
 
 import fastprompt
-from fastprompt.checkpoint import load_checkpoint, save_checkpoint
+from fastprompt.training.train_state import load_checkpoint, save_checkpoint
 
 
 def _setup():

@@ -19,8 +19,8 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .serialization import load_prompts, save_prompts
-from .storage import PromptLoadError, atomic_write
+from ..serialization import load_prompts, save_prompts
+from ..storage import PromptLoadError, atomic_write
 
 POINTER = "latest.json"
 STATE = "state.json"

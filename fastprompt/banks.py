@@ -1,8 +1,8 @@
 """Prompt banks: one task's slice of a bank, and growing a bank by a task.
 
-A bank holds T prompts (PromptConfig.num_tasks); every prompt tensor named in its module's
-`task_dim_keys` has a leading task dimension, an lpt bank holds `generators.<t>`, and per-task
-heads are a TaskHeads bank (T, L, H). These helpers move one task in and out of that layout.
+A bank holds T prompts (PromptConfig.num_tasks) in the layout its method class knows
+(integration/methods.py: task tensors with a leading task dimension, or one lpt generator per
+task), and per-task heads are a TaskHeads bank (T, L, H). These helpers move one task in and out.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 
 from .api import patched_runtime, unwrap
-from .integration.patching import prompt_init
-from .integration.prompts import LatePromptGenerator, TaskHeads
+from .integration.prompts import TaskHeads
 
 
 def task_tensors(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
@@ -26,18 +25,7 @@ def task_tensors(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
     model = unwrap(model)
     config = runtime.config
     _check_task(config, task, "task")
-    prompts = runtime.prompts
-    keys = getattr(prompts, "task_dim_keys", ())
-    out = {}
-    for k, v in prompts.state_dict().items():
-        if k.startswith("generators."):
-            i, rest = k.split(".", 2)[1:]
-            if int(i) == task:
-                out[f"prompt.generators.0.{rest}"] = v
-        elif k in keys:
-            out[f"prompt.{k}"] = v[task : task + 1]
-        else:
-            out[f"prompt.{k}"] = v
+    out = {f"prompt.{k}": v for k, v in runtime.method.task_state(runtime.prompts, task).items()}
     for name in runtime.head_names:
         head = getattr(model, name)
         for k, v in head.state_dict().items():
@@ -57,19 +45,8 @@ def copy_into_task(model: nn.Module, tensors: dict[str, torch.Tensor], task: int
     """Writes a single-task save's tensors (already validated) into bank slot `task`."""
     runtime = patched_runtime(model)
     model = unwrap(model)
-    prompts = runtime.prompts
-    keys = getattr(prompts, "task_dim_keys", ())
-    state = prompts.state_dict(keep_vars=True)
+    runtime.method.load_task_state(runtime.prompts, {k[len("prompt."):]: v for k, v in tensors.items() if k.startswith("prompt.")}, task)
     with torch.no_grad():
-        for k, p in state.items():
-            if k.startswith("generators."):
-                i, rest = k.split(".", 2)[1:]
-                if int(i) == task:
-                    p.copy_(tensors[f"prompt.generators.0.{rest}"])
-            elif k in keys:
-                p[task].copy_(tensors[f"prompt.{k}"][0])
-            else:
-                p.copy_(tensors[f"prompt.{k}"])
         for name in runtime.head_names:
             head = getattr(model, name)
             for k, p in head.state_dict(keep_vars=True).items():
@@ -110,20 +87,7 @@ def add_task(model: nn.Module, name: str | None = None, num_labels: int | None =
     elif name is not None or num_labels is not None:
         raise ValueError("name and num_labels are for models patched with per-task heads (heads=...)")
 
-    if hasattr(prompts, "generators"):
-        ref = prompts.generators[0]
-        gen = LatePromptGenerator(*prompts.args).to(device=ref.down.weight.device, dtype=ref.down.weight.dtype)
-        prompts.generators.append(gen.requires_grad_(True))
-    else:
-        for key in prompts.task_dim_keys:
-            old = getattr(prompts, key, None)
-            if old is None:
-                continue
-            if key == "embedding" and not hasattr(prompts, "mlp"):  # a soft prompt: vocabulary init
-                row = prompt_init(model, dataclasses.replace(config, num_tasks=1), runtime.mode == "insert")
-            else:
-                row = torch.randn_like(old[:1])  # N(0, 1) as at patch time
-            setattr(prompts, key, nn.Parameter(torch.cat([old.detach(), row.to(old)]), requires_grad=True))
+    runtime.method.grow(prompts)
     if heads:
         original = runtime.replaced_heads[0][1]
         for key in head.task_dim_keys:

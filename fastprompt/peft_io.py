@@ -24,7 +24,7 @@ from . import __version__
 from .api import patch, patched_runtime, prompt_parameters, unwrap
 from .config import PromptConfig
 from .integration.architectures import fingerprint, spec_for
-from .integration.patching import runtime_of
+from .integration.runtime import runtime_of
 from .storage import PromptLoadError, atomic_write, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -111,12 +111,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
     patch(model, config)
     runtime = patched_runtime(model)
     model = unwrap(model)
+    runtime.method.from_peft(runtime.prompts, emb)
     with torch.no_grad():
-        if method == "ptv2":
-            prefix = emb.view(p, layers, 2, hkv, dh).permute(1, 2, 3, 0, 4)
-            runtime.prompts.prefix.copy_(prefix[None])
-        else:
-            runtime.prompts.embedding.copy_(emb[None])
         for k, v in head.items():
             name, rest = k.split(".", 1)
             getattr(model, name).state_dict(keep_vars=True)[rest].copy_(v)
@@ -135,33 +131,22 @@ def to_peft(model: nn.Module, path: str | os.PathLike, *, task: int | None = Non
     runtime = patched_runtime(model)
     model = unwrap(model)
     config = runtime.config
-    stack = _single_stack(model, "to_peft")
+    _single_stack(model, "to_peft")  # refuses T5's two stacks
     if config.num_tasks > 1 and task is None:
         raise ValueError(f"this model holds {config.num_tasks} prompts: pass task= (PEFT adapters hold one)")
     t = 0 if task is None else task
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.num_tasks:
         raise ValueError(f"task must be in [0, {config.num_tasks}), got {task!r}")
     fp = fingerprint(model)
-    layers, hkv, dh, p = fp["layers"][0], fp["kv_heads"], fp["head_dim"], config.num_tokens
+    layers, hkv, p = fp["layers"][0], fp["kv_heads"], config.num_tokens
     common = {
         "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None,
         "inference_mode": True, "num_attention_heads": hkv, "num_layers": layers, "num_transformer_submodules": 1,
         "num_virtual_tokens": p, "peft_version": None, "revision": None, "task_type": _task_type(model),
         "modules_to_save": list(runtime.head_names) or None,
     }
-    if config.method == "ptv2":
-        if config.start_layer != 0:
-            raise ValueError(f"PEFT prefixes cover every layer: start_layer must be 0, got {config.start_layer}")
-        prefix = runtime.prompts.folded()[t].detach()  # (layers, 2, Hkv, P, D)
-        emb = prefix.permute(3, 0, 1, 2, 4).reshape(p, layers * 2 * hkv * dh)
-        cfg = {**common, "peft_type": "PREFIX_TUNING", "token_dim": hkv * dh, "encoder_hidden_size": fp["hidden_size"], "prefix_projection": False}
-    elif config.method == "prompt" and stack.causal:
-        emb = runtime.prompts.embedding[t].detach()
-        cfg = {**common, "peft_type": "PROMPT_TUNING", "token_dim": fp["hidden_size"], "prompt_tuning_init": "RANDOM",
-               "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
-        cfg["num_attention_heads"] = fp["heads"]
-    else:
-        raise ValueError(f"PEFT has no equivalent of method={config.method!r} on this model (ptv2 from layer 0, or input prompts on decoders)")
+    emb, fields = runtime.method.to_peft(runtime.prompts, t)
+    cfg = {**common, "peft_type": runtime.method.peft_type, **fields}
     tensors = {"prompt_embeddings": emb.float().cpu().contiguous()}
     for name in runtime.head_names:
         head = getattr(model, name)

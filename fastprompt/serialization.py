@@ -23,7 +23,9 @@ from .api import patch, patched_runtime, prompt_parameters, unwrap
 from .banks import copy_into_task, single_task_config, task_tensors
 from .config import PromptConfig
 from .integration.architectures import fingerprint
-from .integration.patching import head_shapes, prompt_shapes, runtime_of
+from .integration.heads import head_shapes
+from .integration.patching import prompt_shapes
+from .integration.runtime import runtime_of
 from .storage import PromptLoadError, atomic_write, read_json_object
 
 TENSORS_FILE = "prompts.safetensors"

@@ -14,7 +14,7 @@ import transformers as tf
 from conftest import model_inputs, tiny_model
 
 import fastprompt
-from fastprompt.integration.patching import runtime_of
+from fastprompt.integration.runtime import runtime_of
 
 
 def _saved(tmp_path, **kw):

@@ -98,7 +98,7 @@ def test_bad_adapters_are_refused_before_touching_the_model(tmp_path):
     other = tiny_model("llama", num_hidden_layers=2)
     with pytest.raises(fastprompt.PromptLoadError, match="prompt_embeddings has shape"):
         fastprompt.from_peft(other, tmp_path)
-    assert fastprompt.integration.patching.runtime_of(other) is None
+    assert fastprompt.integration.runtime.runtime_of(other) is None
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LORA"}))
     with pytest.raises(fastprompt.PromptLoadError, match="PREFIX_TUNING or PROMPT_TUNING"):

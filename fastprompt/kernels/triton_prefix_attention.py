@@ -108,6 +108,25 @@ def _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn):
 
 
 @triton.jit
+def _softmax_block(s, v, m_i, l_i, acc, FP32_IEEE: tl.constexpr):
+    """One key block of the online softmax, shared by the prefix and sequence phases: s (M, N)
+    masked scores in log2 units, v (N, D) -> the running max m_i, sum l_i, output acc."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_block(dq, do, k, v, p, delta, FP32_IEEE: tl.constexpr):
+    """One key block of dq, shared by both phases: p (M, N) the probabilities (0 where masked)."""
+    ds = p * (_scores(do, v, 1.0, FP32_IEEE) - delta[:, None])
+    return dq + _mm(ds.to(k.dtype), k, FP32_IEEE)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, Ids, Mask, Bias, KRange, Out, Lse,
     sqb, sqh, sqm,
@@ -138,13 +157,8 @@ def _fwd_kernel(
         k = _tile(PK + t * spt + hkv * sph, offs_n, P, spn, offs_d, D)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         s = tl.where(offs_n[None, :] < P, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _tile(PV + t * svt + hkv * svph, offs_n, P, svpn, offs_d, D)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_block(s, v, m_i, l_i, acc, FP32_IEEE)
 
     # sequence phase
     lo_n, hi = _key_span(b, pid_m, S, SK, KRange, CAUSAL, HAS_RANGE, BLOCK_M, BLOCK_N)
@@ -156,13 +170,8 @@ def _fwd_kernel(
             s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
         valid = _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn, CAUSAL, HAS_MASK)
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _tile(V + b * svb + hkv * svh, offs_n, SK, svn, offs_d, D)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_block(s, v, m_i, l_i, acc, FP32_IEEE)
 
     acc = acc / l_i[:, None]
     row_ok = offs_m < S
@@ -215,9 +224,7 @@ def _bwd_dq(
         v = _tile(PV + t * svt + hkv * svph, offs_n, P, svpn, offs_d, D)
         s = _scores(q, k, qk_scale, FP32_IEEE)
         p = tl.where(offs_n[None, :] < P, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _scores(do, v, 1.0, FP32_IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, FP32_IEEE)
+        dq = _dq_block(dq, do, k, v, p, delta, FP32_IEEE)
     lo_n, hi = _key_span(b, pid_m, S, SK, KRange, CAUSAL, HAS_RANGE, BLOCK_M, BLOCK_N)
     for start_n in range(lo_n, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -228,9 +235,7 @@ def _bwd_dq(
             s += _seq_bias(offs_m, offs_n, S, SK, b, h, Bias, sbb, sbh, sbm, sbn)
         valid = _seq_valid(offs_m, offs_n, S, SK, b, h, Mask, smb, smh, smm, smn, CAUSAL, HAS_MASK)
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _scores(do, v, 1.0, FP32_IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, FP32_IEEE)
+        dq = _dq_block(dq, do, k, v, p, delta, FP32_IEEE)
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok & d_ok)
 
 

@@ -1,0 +1,92 @@
+"""The patched model's entry points: `forward` and `generate` gain `prompt_ids` (and `example_ids`,
+for the lower-layer cache), checked before the model runs, and set the per-forward state the
+attention function reads."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .positions import positions_from_mask
+
+
+def _inputs(args, kwargs) -> torch.Tensor | None:
+    """The (B, T) input_ids or (B, T, H) inputs_embeds a forward or generate() was called with."""
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(x, torch.Tensor):
+            return x
+    return None
+
+
+def _batch_size(args, kwargs) -> int | None:
+    x = _inputs(args, kwargs)
+    return None if x is None else x.shape[0]
+
+
+def _input_length(args, kwargs) -> int | None:
+    x = _inputs(args, kwargs)
+    return x.shape[1] if x is not None and x.dim() >= 2 else None
+
+
+def _check_labels(runtime, labels, ids) -> None:
+    """With per-task heads, every label must be one of its example's task's labels."""
+    if not isinstance(labels, torch.Tensor) or labels.device.type != "cpu" or labels.is_floating_point():
+        return
+    counts = torch.tensor([c for _, c in runtime.config.heads])
+    tasks = torch.zeros(labels.shape[0], dtype=torch.long) if ids is None else ids.cpu()
+    limit = counts[tasks].view(-1, *([1] * (labels.dim() - 1)))
+    bad = ((labels >= limit) | ((labels < 0) & (labels != -100))).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        name, count = runtime.config.heads[int(tasks[i])]
+        raise ValueError(f"labels: example {i} has label {int(labels[tuple(bad[0])])} but its task {name!r} has {count} labels")
+
+
+def wrap_entry_points(model, runtime) -> None:
+    """model.forward and model.generate take `prompt_ids` (instance attributes; unpatch removes them)."""
+    def with_prompt_ids(original, is_forward):
+        sig = inspect.signature(original)
+        params = [p for p in sig.parameters.values() if p.name not in ("prompt_ids", "example_ids")]
+        at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+        for name in ("example_ids", "prompt_ids"):
+            params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
+
+        def wrapper(*args, prompt_ids=None, example_ids=None, **kwargs):
+            if prompt_ids is None and runtime.prompt_ids is not None:
+                ids = runtime.prompt_ids  # called inside generate(): the ids it was given
+            else:
+                ids = runtime.check_prompt_ids(prompt_ids, _batch_size(args, kwargs))
+            if runtime.config.heads and is_forward:
+                _check_labels(runtime, kwargs.get("labels"), ids)
+            if is_forward:
+                positions_from_mask(runtime, kwargs)
+            if not is_forward and ids is not None:
+                kwargs["prompt_ids"] = ids  # generate() expands it with the batch (beams, samples)
+            if example_ids is not None:
+                example_ids = runtime.check_example_ids(example_ids, _batch_size(args, kwargs))
+            previous = runtime.prompt_ids, runtime.example_ids, runtime.source_len
+            runtime.prompt_ids, runtime.example_ids = ids, example_ids
+            if not is_forward and runtime.source_len is None:
+                # a late prompt is generated from the input given to generate(), so every new token sees
+                # the same prompt whether generate() runs with a KV cache or recomputes the whole sequence
+                runtime.source_len = _input_length(args, kwargs)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                runtime.prompt_ids, runtime.example_ids, runtime.source_len = previous
+                runtime.skip_lower = False
+
+        wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__doc__ = original.__doc__
+        wrapper.__name__ = getattr(original, "__name__", "forward")
+        return wrapper
+
+    for name in ("forward", "generate"):
+        if not hasattr(model, name):
+            continue
+        runtime.model_attrs.append((name, model.__dict__.get(name, MISSING)))
+        model.__dict__[name] = with_prompt_ids(getattr(model, name), name == "forward")
+
+
+MISSING = object()  # model.__dict__ had no such attribute before patching

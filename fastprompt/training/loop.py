@@ -98,8 +98,10 @@ def train(args, parser) -> int:
             folder, meta, _ = read_checkpoint(args.resume)
         except ValueError as e:
             parser.error(f"--resume: {e}")
+        saved = meta["state"]["args"]
         for k in RUN_SETTINGS:
-            setattr(args, k, meta["state"]["args"].get(k))
+            # a setting added after the checkpoint was written keeps the parser's default
+            setattr(args, k, saved.get(k, getattr(args, k)))
         resumed = meta["state"]
     check_settings(args, parser)
     ckpt_dir = args.resume or args.checkpoint_dir or f"{args.out}.ckpt"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 # settings a resumed run takes from its checkpoint (the command line gives only --resume/--log);
-# later additions come last and default to None for checkpoints written before them
+# later additions come last; a checkpoint written before them resumes with their defaults
 RUN_SETTINGS = ("model", "data", "eval", "task", "method", "num_tokens", "start_layer", "reparam", "checkpointing", "int8",
                 "int4", "epochs", "steps", "lr", "batch_size", "max_length", "out", "seed", "save_every", "checkpoint_dir",
                 "cache_lower_layers", "text_column", "text_pair_column", "label_column", "doc_stride", "max_answer_length")

@@ -36,6 +36,7 @@ CONFIGS = [
     ("peft prefix", dict(peft=True)),
     ("ptv2 L=0", dict(method="ptv2", start_layer=0)),
     ("ptv2 L=3", dict(method="ptv2", start_layer=3)),
+    ("ptv2 L=4", dict(method="ptv2", start_layer=4)),
     ("lpt L=3", dict(method="lpt", start_layer=3)),
 ]
 

@@ -166,6 +166,17 @@ def main(argv=None) -> int:
     tasks = {"both": ["sst2", "conll"], "all": list(TASKS)}.get(args.task, [args.task])
     results, skipped = {}, {}
     ctx = mp.get_context("spawn")
+    out = Path(args.out or HERE / "results" / "accuracy_parity.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python bench/accuracy_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]), "seed": args.seed,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "skipped": skipped}
+
+    def write():
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        tmp.replace(out)
+
     for task in tasks:
         st = TASKS[task]
         print(f"\n{task}: MiniLM, {args.steps or st['steps']} steps of batch {args.batch_size or st['batch_size']}, max length "
@@ -189,12 +200,8 @@ def main(argv=None) -> int:
             others = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items() if v != r["metric"])
             print(f"{name:<14}{r['metric']:>9.4f}{r['train_s']:>10.1f}{r['examples_per_s']:>8.1f}{speed}{r['peak_mib']:>10.0f}  {others}",
                   flush=True)
-    out = Path(args.out or HERE / "results" / "accuracy_parity.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python bench/accuracy_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]), "seed": args.seed,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "skipped": skipped}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+            write()  # after every configuration: a stopped run keeps what it measured
+    write()
     print(f"wrote {out}")
     return 0
 

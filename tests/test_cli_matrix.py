@@ -45,7 +45,7 @@ def _write_model(folder, kind, task):
     else:
         config = tf.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
                                 num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
-    config.num_labels = 2 if task == "seq" else 9
+    config.num_labels = 2 if task == "seq" else 9  # qa too: a checkpoint's num_labels must not size the start/end head
     cls = {"seq": tf.AutoModelForSequenceClassification, "token": tf.AutoModelForTokenClassification,
            "qa": tf.AutoModelForQuestionAnswering}[task]
     cls.from_config(config).save_pretrained(folder)

@@ -81,7 +81,8 @@ def test_cli_train_runs_on_embedded_default(tmp_path, capsys):
     "content,suffix,match",
     [
         ("text,label\n", ".csv", "no examples"),
-        ("sentence,stars\nhi,1\n", ".csv", "needs a text column"),
+        ("sentence,stars\nhi,1\n", ".csv", "needs a label column"),
+        ("words,label\nhi,1\n", ".csv", "needs a text column"),
         ('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n', ".jsonl", None),
         ("<a/>", ".xml", "unknown format"),
         ("", ".conll", "no sentences"),

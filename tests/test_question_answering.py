@@ -60,17 +60,21 @@ def test_windows_hold_the_answer_tokens_that_spell_the_answer():
     tok = _tokenizer()
     features = squad.make_features(tok, questions, max_length=96, doc_stride=24)
     assert len(features) > len(questions)  # long contexts made several windows
-    found = set()
+    found, exact = set(), 0
     for f in features:
         assert len(f.inputs["input_ids"]) <= 96
         q = questions[f.question]
         if f.start == f.null:
             continue
+        # the smallest run of whole tokens that covers the answer's characters
         span = q.context[f.offsets[f.start][0] : f.offsets[f.end][1]]
-        assert normalize_answer(span) == normalize_answer(q.answers[0]), (q.id, span, q.answers[0])
+        assert q.answers[0] in span, (q.id, span, q.answers[0])
+        exact += normalize_answer(span) == normalize_answer(q.answers[0])
         found.add(f.question)
     # every answer fits a 96-token window somewhere except ones longer than the stride's overlap
     assert len(found) >= 0.97 * len(questions)
+    # a few answers end inside a word piece ("gold" of "golden"): the span is then that whole token
+    assert exact >= 0.95 * len([f for f in features if f.start != f.null])
 
 
 @pytest.mark.skipif(not SQUAD.is_dir(), reason="../shared/data/squad is not on this machine")
@@ -100,7 +104,7 @@ def test_decode_respects_length_and_context_only():
     q = squad.Question("q1", "Who?", "Alice met Bob in Paris yesterday.", ["Bob"], 10)
     (f,) = squad.make_features(tok, [q], max_length=64, doc_stride=16)
     n = len(f.inputs["input_ids"])
-    s, e = torch.zeros(n), torch.zeros(n)
+    s, e = torch.full((n,), -100.0), torch.zeros(n)
     s[1] = e[1] = 50.0  # a question token: never an answer
     bob = f.start
     s[bob], e[bob] = 10.0, 10.0
@@ -192,15 +196,20 @@ def test_ptv2_qa_logits_and_grads_match_concat_reference(arch, start_layer):
     fastprompt.patch(model, method="ptv2", num_tokens=4, start_layer=start_layer)
     out = model(**inputs)
     assert out.start_logits.shape == inputs["input_ids"].shape  # the prefix adds no positions
-    w = torch.randn_like(_logits(out))
+    # real positions only: on causal stacks the op's contract leaves a padded query row to the
+    # prefix alone (the packed FlashAttention path has no such row), where the reference lets it
+    # see the real keys too; neither is meaningful, and decoding never reads padding
+    real = inputs["attention_mask"].bool()
+    w = torch.randn_like(_logits(out)) * real[..., None]
     (_logits(out) * w).sum().backward()
     grad = model.fastprompt.prefix.grad[0].clone()
     ref_prefix = model.fastprompt.prefix[0].detach().clone().requires_grad_(True)
     fastprompt.unpatch(model)
     ref = _reference_run(_Logits(model), arch, ref_prefix, start_layer, {k: v for k, v in inputs.items() if "positions" not in k})
     (ref * w).sum().backward()
-    torch.testing.assert_close(_logits(out), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(_logits(out)[real], ref[real], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(grad, ref_prefix.grad, atol=2e-5, rtol=1e-4)
+    assert grad.abs().sum() > 0
 
 
 class _Logits(torch.nn.Module):

@@ -59,7 +59,8 @@ def load_model(task, model_path: str, int8: bool = False, int4: bool = False):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the freshly initialised head is expected; its warning is noise here
-    kwargs = {}
+    # QA: a start and an end logit per token, whatever num_labels the checkpoint's config carries
+    kwargs = dict(num_labels=2, ignore_mismatched_sizes=True) if task.labels is None else {}
     if task.labels is not None:
         labels = task.labels
         kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},

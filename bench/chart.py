@@ -55,7 +55,7 @@ def draw(results_path: Path, out: Path) -> Path:
 def _draw_accuracy(plt, meta, results, out: Path) -> Path:
     """results: {"task/configuration": {metric, speed_vs_peft, peak_mib}} -> one row of panels per task."""
     tasks = sorted({k.split("/", 1)[0] for k in results})
-    metric_name = {"sst2": "dev accuracy", "conll": "valid entity F1"}
+    metric_name = {"sst2": "dev accuracy", "conll": "valid entity F1", "mrpc": "dev accuracy", "squad": "eval F1"}
     panels = [("metric", "{metric}\n(higher is better)", "{:.4f}"),
               ("speed_vs_peft", "training speed (x PEFT prefix tuning,\nhigher is better)", "{:.2f}x"),
               ("peak_mib", "peak RSS MiB\n(lower is better)", "{:.0f}")]

@@ -200,6 +200,7 @@ class QuestionAnswering:
         # the windows are tokenized once; the loop batches windows
         self.train_items = squad.make_features(tokenizer, self.questions, max_length, self.doc_stride) if self.questions else []
         self.eval_items = self.eval_questions
+        self._eval_features = None
 
     def settings(self) -> dict:
         return {"doc_stride": self.doc_stride, "max_answer_length": self.max_answer_length, "squad_v2": self.v2}
@@ -208,7 +209,13 @@ class QuestionAnswering:
         return squad.pad_features(tokenizer, batch, labels)[0]
 
     def _spans(self, model, tokenizer, questions):
-        features = squad.make_features(tokenizer, questions, self.max_length, self.doc_stride)
+        if questions is self.eval_questions:
+            # the eval windows are the same every epoch: tokenized once
+            if self._eval_features is None:
+                self._eval_features = squad.make_features(tokenizer, questions, self.max_length, self.doc_stride)
+            features = self._eval_features
+        else:
+            features = squad.make_features(tokenizer, questions, self.max_length, self.doc_stride)
         starts, ends = [], []
         for batch, o, shifts in _forward_batches(model, features, EVAL_BATCH // 2, lambda b: squad.pad_features(tokenizer, b, False)):
             for i, (f, shift) in enumerate(zip(batch, shifts)):

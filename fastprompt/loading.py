@@ -8,6 +8,12 @@ of the whole model never exists, so a model whose float weights would not fit in
 into what its quantised weights need. `source(name, shape, dtype) -> tensor` is either
 `safetensors_source(folder)` (a real checkpoint, read shard by shard, tensor by tensor through
 safetensors' lazy `safe_open`) or `random_source(seed)` (random weights, for benchmarks).
+A source may return None for a tensor the checkpoint lacks (a fresh task head, or one whose shape
+differs): that module is then initialised as transformers initialises missing weights.
+
+`load_quantized(folder, auto_class, bits, **config_kwargs)` is what `fastprompt train --int8/--int4`
+uses for a local checkpoint: transformers' own bitsandbytes load keeps the checkpoint's float pages
+mapped (on a 135M fp32 decoder it peaks above the float model it replaces), this does not.
 """
 
 from __future__ import annotations
@@ -37,9 +43,20 @@ def random_source(seed: int = 0, std: float = 0.02) -> Source:
     return source
 
 
-def safetensors_source(folder) -> Source:
+def has_safetensors(folder) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+
+
+def safetensors_source(folder, base_prefix: str | None = None, missing_ok: bool = False) -> Source:
     """Tensors of a checkpoint folder (model.safetensors, or shards listed in model.safetensors.index.json),
-    each read on its own when asked for."""
+    each read on its own when asked for.
+
+    base_prefix: the model's base_model_prefix ("bert", "model"): a checkpoint of the bare base model
+    (keys without it) feeds a model with a head, and the other way round, as from_pretrained allows.
+    missing_ok: a tensor the checkpoint lacks, or holds in another shape, gives None (initialised
+    fresh by build_quantized) instead of an error.
+    """
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -52,12 +69,24 @@ def safetensors_source(folder) -> Source:
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
+    def stored_name(name):
+        if name in weight_map or not base_prefix:
+            return name
+        head = base_prefix + "."
+        other = name[len(head):] if name.startswith(head) else head + name
+        return other if other in weight_map else name
+
     def source(name, shape, dtype):
-        if name not in weight_map:
+        key = stored_name(name)
+        if key not in weight_map:
+            if missing_ok:
+                return None
             raise KeyError(f"{folder}: the checkpoint has no tensor {name!r}")
-        with safe_open(folder / weight_map[name], "pt") as f:
-            t = f.get_tensor(name)
+        with safe_open(folder / weight_map[key], "pt") as f:
+            t = f.get_tensor(key)
         if tuple(t.shape) != tuple(shape):
+            if missing_ok:
+                return None
             raise ValueError(f"{folder}: {name} has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
         return t.to(dtype)
 
@@ -110,11 +139,14 @@ def build_quantized(config, source: Source, bits: int = 8, auto_class=None, dtyp
                 parent, attr = _parent(layer, mname)
                 setattr(parent, attr, _quantised_linear(module, w, b, bits, dtype, device))
                 del w
-        _fill(layer, prefix, source, dtype)
+        if _fill(layer, prefix, source, dtype):
+            raise ValueError(f"the checkpoint lacks tensors of transformer layer {prefix}")
         gc.collect()
         if progress is not None:
             progress(n + 1, len(layers))
-    _fill(model, "", source, dtype)
+    fresh = _fill(model, "", source, dtype)
+    for module in fresh:  # tensors the checkpoint lacks: initialised as from_pretrained does
+        model._init_weights(module)
     _rebuild_meta_buffers(model)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -128,8 +160,10 @@ def _parent(root, dotted):
     return root, parts[-1]
 
 
-def _fill(root: nn.Module, prefix: str, source: Source, dtype) -> None:
-    """Materialises every parameter of root still on the meta device from source."""
+def _fill(root: nn.Module, prefix: str, source: Source, dtype) -> list[nn.Module]:
+    """Materialises every parameter of root still on the meta device from source; returns the
+    modules whose tensors the source lacked (allocated, not yet initialised)."""
+    fresh = []
     for name, p in list(root.named_parameters()):
         if p.device.type != "meta":
             continue
@@ -137,13 +171,43 @@ def _fill(root: nn.Module, prefix: str, source: Source, dtype) -> None:
         if full.endswith("lm_head.weight") and getattr(getattr(root, "config", None), "tie_word_embeddings", False):
             continue  # tied to the input embeddings below
         parent, attr = _parent(root, name)
-        setattr(parent, attr, nn.Parameter(source(full, tuple(p.shape), dtype), requires_grad=False))
+        value = source(full, tuple(p.shape), dtype)
+        if value is None:
+            value = torch.empty(tuple(p.shape), dtype=dtype)
+            if parent not in fresh:
+                fresh.append(parent)
+        setattr(parent, attr, nn.Parameter(value, requires_grad=False))
+    return fresh
 
 
 def _rebuild_meta_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers (rotary inverse frequencies) are computed, not loaded: rebuild their modules."""
-    for name, module in list(model.named_modules()):
-        if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
-            parent, attr = _parent(model, name)
+    """Non-persistent buffers (rotary inverse frequencies, BERT's position ids) are computed, not
+    loaded: taken from a fresh CPU instance of their module, whose parameters are dropped."""
+    for module in list(model.modules()):
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.device.type == "meta"]
+        if meta:
             with torch.device("cpu"):
-                setattr(parent, attr, type(module)(config=model.config))
+                fresh = type(module)(config=model.config)
+            for n in meta:
+                module._buffers[n] = fresh._buffers[n]
+
+def load_quantized(folder, auto_class, bits: int = 8, dtype: torch.dtype = torch.float32, device="cpu", **config_kwargs) -> nn.Module:
+    """A checkpoint folder with safetensors weights, loaded as `auto_class` with int8/nf4 transformer
+    linears, tensor by tensor (build_quantized). config_kwargs go to AutoConfig (num_labels, ...); a
+    head the checkpoint lacks or holds in another size is initialised fresh, as
+    from_pretrained(..., ignore_mismatched_sizes=True) does."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, **config_kwargs)
+    prefix = getattr(auto_class, "base_model_prefix", None) or _base_prefix(auto_class, config)
+    return build_quantized(config, safetensors_source(folder, prefix, missing_ok=True), bits=bits, auto_class=auto_class,
+                           dtype=dtype, device=device)
+
+
+def _base_prefix(auto_class, config) -> str | None:
+    # auto classes do not carry base_model_prefix; the concrete class they map this config to does
+    mapping = getattr(auto_class, "_model_mapping", None)
+    try:
+        return mapping[type(config)].base_model_prefix if mapping is not None else None
+    except KeyError:
+        return None

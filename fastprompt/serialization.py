@@ -58,7 +58,7 @@ def _sharded(params: list[nn.Parameter]) -> bool:
 
 def _tensors_to_save(runtime, model, task, reparam_weights):
     """(name -> whole tensor on CPU, the config to save with them)."""
-    cfg = runtime.config
+    cfg = runtime.config.without_init()  # the tensors hold the prompt; how it started is not needed to load it
     if task is None:
         tensors = {f"prompt.{k}": v for k, v in runtime.prompts.state_dict().items()}
         for name in runtime.head_names:
@@ -130,7 +130,8 @@ def read_prompt_config(path: str | os.PathLike) -> tuple[PromptConfig, dict]:
     if meta["format_version"] != FORMAT_VERSION:
         raise PromptLoadError(f"{f}: format_version {meta['format_version']} is not {FORMAT_VERSION}")
     try:
-        config = PromptConfig.from_dict(meta["config"])
+        # a prompt's start (init_text, prefix_init) is history once it is saved
+        config = PromptConfig.from_dict(meta["config"]).without_init()
     except (TypeError, ValueError) as e:
         raise PromptLoadError(f"{f}: bad config: {e}") from None
     for k in ("method", "num_tokens", "start_layer"):

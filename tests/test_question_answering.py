@@ -281,13 +281,11 @@ def test_qa_prompt_bank_rows_match_each_task_alone(tmp_path, method):
 @pytest.mark.skipif(not SQUAD.is_dir(), reason="../shared/data/squad is not on this machine")
 def test_task_object_trains_windows_and_scores_eval(tmp_path):
     """The task as `fastprompt train` drives it: windows, a few steps, then scoring every eval question."""
-    import argparse
-
     tok = _tokenizer()
     train, _ = squad.read_squad(SQUAD / "train.json")
     evalq, _ = squad.read_squad(SQUAD / "eval.json")
     task = QuestionAnswering(train[:40], evalq[:30], False)
-    task.prepare(tok, 128, argparse.Namespace(doc_stride=None, max_answer_length=30))
+    task.prepare(tok, 128)  # doc_stride default (a quarter of the window), max_answer_length 30
     assert task.doc_stride == 32
     model = tf.BertForQuestionAnswering(tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
                                                       num_attention_heads=4, intermediate_size=37, max_position_embeddings=130))

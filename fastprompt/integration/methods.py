@@ -23,6 +23,7 @@ from .architectures import Stack
 from .compat import output_cache
 from .insertion import install_insertion
 from .runtime import bind
+from .text_init import prefill_key_values
 
 
 class Method:
@@ -33,9 +34,12 @@ class Method:
     mode = ""  # how the attention function reads the prompt: "prefix" | "prompt_kv" | "insert"
     peft_type: str | None = None  # the PEFT adapter type with the same numerics, if any
 
-    def __init__(self, model: nn.Module, config, stacks: list[Stack], fp: dict, absolute_positions: bool = False):
+    def __init__(self, model: nn.Module, config, stacks: list[Stack], fp: dict, absolute_positions: bool = False,
+                 init_ids: torch.Tensor | None = None):
+        """init_ids: (P,) token ids of config.init_text (text_init.init_text_ids), or None."""
         self.model, self.config, self.stacks, self.fp = model, config, stacks, fp
         self.absolute_positions = absolute_positions
+        self.init_ids = init_ids
         self.check()
 
     def check(self) -> None:
@@ -116,10 +120,31 @@ class DeepPrefixMethod(Method):
 
     def build(self):
         c, fp = self.config, self.fp
-        return modules.DeepPrefix(
+        prefix = modules.DeepPrefix(
             self._slots(c, self.stacks), fp["kv_heads"], c.num_tokens, fp["head_dim"], fp["hidden_size"],
             reparam=c.reparam, reparam_hidden=c.reparam_hidden, dropout=c.prefix_dropout, num_tasks=c.num_tasks,
         )
+        if self.init_ids is not None:
+            self._from_text(prefix)
+        elif c.prefix_init == "zero":
+            with torch.no_grad():
+                for p in ([prefix.mlp[2].weight, prefix.mlp[2].bias] if c.reparam else [prefix.prefix]):
+                    p.zero_()
+        return prefix
+
+    def _from_text(self, prefix) -> None:
+        """Every task's prefix = the frozen model's keys and values of the init text, layer by layer."""
+        first, p = self.stacks[0], self.init_ids.numel()
+        # rotary decoders: the text at -P..-1, right before real tokens that keep 0..T-1 (with PEFT's
+        # shift the real tokens start at P instead, so the text keeps 0..P-1)
+        shifted = first.causal and first.rotary is not None and not self.config.peft_positions
+        kv = prefill_key_values(self.model, self.init_ids, torch.arange(-p, 0) if shifted else None)
+        attns = [a for s in self.stacks for i, a in enumerate(s.self_attention) if i >= self.config.start_layer]
+        with torch.no_grad():
+            for slot, attn in enumerate(attns):
+                k, v = kv[attn]
+                prefix.prefix[:, slot, 0] = k.to(prefix.prefix)
+                prefix.prefix[:, slot, 1] = v.to(prefix.prefix)
 
     def install(self, runtime):
         slot = 0
@@ -189,9 +214,10 @@ class InputPromptMethod(Method):
         vocab = emb.weight.shape[0]
         p = config.num_tokens
         rows = []
+        given = self.init_ids if self.init_ids is not None else config.init_token_ids
         for _ in range(num_tasks):
-            if config.init_token_ids is not None:
-                ids = torch.as_tensor(list(config.init_token_ids), dtype=torch.long)
+            if given is not None:
+                ids = torch.as_tensor(list(given), dtype=torch.long)
                 if ids.numel() == 0 or ids.min() < 0 or ids.max() >= vocab:
                     raise ValueError(f"init_token_ids must be non-empty token ids in [0, {vocab}), got {list(config.init_token_ids)}")
                 ids = ids.repeat((p + ids.numel() - 1) // ids.numel())[:p]  # cycle, as PEFT does for short label words

@@ -22,6 +22,7 @@ from .positions import position_shift_hooks
 from .probe import probe
 from .quantized import install_quantized_fixes, remove_quantized_fixes
 from .runtime import PROMPT_MODULE, PromptRuntime, capture_mask, runtime_of
+from .text_init import init_text_ids
 from .truncation import install_truncation, remove_truncation
 
 __all__ = ["install", "uninstall", "prompt_shapes", "runtime_of"]
@@ -32,15 +33,17 @@ def prompt_shapes(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     return method_class(config).shapes(config, spec_for(model).stacks(model), fingerprint(model))
 
 
-def install(model: nn.Module, config) -> PromptRuntime:
-    """Adds prompts to `model` in place per `config` (a PromptConfig); returns the runtime."""
+def install(model: nn.Module, config, tokenizer=None) -> PromptRuntime:
+    """Adds prompts to `model` in place per `config` (a PromptConfig); returns the runtime.
+    tokenizer: tokenizes config.init_text (default: the model's own, loaded from its name_or_path)."""
     spec = spec_for(model)
     stacks = spec.stacks(model)
     fp = fingerprint(model)
     n_layers = min(len(s.layers) for s in stacks)
     if not 0 <= config.start_layer < n_layers:
         raise ValueError(f"start_layer must be in [0, {n_layers}) for this model, got {config.start_layer}")
-    method = method_class(config)(model, config, stacks, fp, spec.absolute_positions)
+    config, init_ids = init_text_ids(model, config, tokenizer)
+    method = method_class(config)(model, config, stacks, fp, spec.absolute_positions, init_ids)
     prompts = method.build()
     prompts.to(next(model.parameters()).device)
     runtime = PromptRuntime(model, config, stacks, prompts, method)
@@ -61,7 +64,7 @@ def install(model: nn.Module, config) -> PromptRuntime:
             skip=lambda: runtime.skip_lower,
         )
         if config.peft_positions:
-            runtime.handles += position_shift_hooks(model, stacks, config.num_tokens)
+            runtime.handles += position_shift_hooks(model, stacks, config.num_tokens, lambda: runtime.computing)
         install_quantized_fixes(model, runtime)
 
         runtime.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -28,16 +28,19 @@ def positions_from_mask(runtime, kwargs) -> None:
         kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def position_shift_hooks(model, stacks: list[Stack], shift: int) -> list:
+def position_shift_hooks(model, stacks: list[Stack], shift: int, prompt_pass=lambda: False) -> list:
     """Forward pre-hooks adding `shift` to every position id (PEFT numerics: its prefix occupies
     positions 0..P-1 of the KV cache). Rotary stacks: on the rotary module; learned absolute
-    positions: on the position embedding table."""
+    positions: on the position embedding table, except while `prompt_pass()` (a decoder input
+    prompt's own pass already sits at 0..P-1, where PEFT puts it)."""
     def rotary_hook(module, args, kwargs):
         if "position_ids" in kwargs:
             return args, {**kwargs, "position_ids": kwargs["position_ids"] + shift}
         return (args[0], args[1] + shift, *args[2:]), kwargs
 
     def table_hook(module, args):
+        if prompt_pass():
+            return None
         return (args[0] + shift, *args[1:])
 
     base = model.base_model

@@ -5,7 +5,10 @@
   (`ctx.A`, outside autograd's saved tensors, so checkpointing cannot drop it either): an int8
   model then held more activations than its float32 twin saves in total. While patched, those
   layers use `FrozenInt8Linear` instead: the same dequantise-then-matmul numerics, nothing saved
-  but the int8 weight it already holds; the input gradient dequantises the weight again.
+  but the int8 weight it already holds; the input gradient dequantises the weight again. Forwards
+  without gradients (evaluation, generation, layers below the first prompt) take the same path, so a
+  patched model evaluates with the numerics it trains with (bitsandbytes' own CPU inference path
+  casts every input to float16, warning on each call).
   CUDA keeps bitsandbytes' own int8 kernels (they save no input for frozen weights).
 - 4-bit on CPU: one eval forward without grad repacks the weights for inference, after which no
   gradient flows through them: switched off while patched (and a repack already done undone).
@@ -46,7 +49,7 @@ def _int8_forward(module, original):
         if module.weight.CB is not None:  # bitsandbytes moves CB/SCB into its state on first use
             module.init_8bit_state()
         trainable = module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad)
-        if x.device.type != "cpu" or state.CB is None or state.has_fp16_weights or trainable or not torch.is_grad_enabled():
+        if x.device.type != "cpu" or state.CB is None or state.has_fp16_weights or trainable:
             return original(x)
         return FrozenInt8Linear.apply(x, state.CB, state.SCB, module.bias)
 

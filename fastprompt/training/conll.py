@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .tables import DataError
+from .errors import DataError
 
 
 def read_conll(path: str | Path, labels: list[str] | None = None, tagged: bool = True) -> tuple[list[tuple[list[str], list[int]]], list[str]]:

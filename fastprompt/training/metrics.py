@@ -131,3 +131,28 @@ def _best_threshold(golds, preds, scores, null_odds):
         if total > best:
             best, thresh = total, null_odds.get(qid, 0.0)
     return best, thresh
+
+
+# ---- generation: corpus BLEU with several references (sacrebleu), ROUGE-L (rouge-score), exact match
+
+
+def generation_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """bleu (sacrebleu's corpus BLEU, 0-100, every input against all its references), rougeL (the
+    F-measure of the best-matching reference per input, averaged, 0-100, rouge-score with stemming)
+    and exact_match (percent of predictions equal to one of their references, whitespace-normalised)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references) or any(not r for r in references):
+        raise ValueError("generation_scores needs one prediction and at least one reference per input")
+    n = max(len(r) for r in references)
+    # sacrebleu takes reference streams: stream i holds each input's i-th reference; inputs with
+    # fewer references repeat their first (a repeated reference changes no n-gram count's clip)
+    streams = [[r[i] if i < len(r) else r[0] for r in references] for i in range(n)]
+    bleu = sacrebleu.corpus_bleu(predictions, streams).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(scorer.score_multi(refs, pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references))
+    norm = lambda s: " ".join(s.split())  # noqa: E731
+    exact = sum(norm(p) in {norm(r) for r in refs} for p, refs in zip(predictions, references))
+    count = max(len(predictions), 1)
+    return {"bleu": bleu, "rougeL": 100 * rouge / count, "exact_match": 100 * exact / count}

@@ -1,75 +1,54 @@
-"""`fastprompt predict`: the prompts `fastprompt train` saved, applied to a data file; the outputs
-carry label names (classification, tagging) or answer texts keyed by question id (QA, the official
-evaluation script's input)."""
+"""`fastprompt predict`: the prompts `fastprompt train` saved, applied to a data file. The task is
+rebuilt from the task.json beside the prompts; its outputs carry label names (classification,
+tagging), answer texts keyed by question id (QA, the official evaluation script's input) or one
+generated completion per distinct input (lm, JSONL)."""
 
 from __future__ import annotations
 
-from argparse import Namespace
 from pathlib import Path
 
 from ..serialization import load_prompts
 from ..storage import PromptLoadError, read_json_object
-from . import squad
-from .conll import read_conll
-from .loop import TASK_FILE, load_model, write_json
-from .tables import Columns, DataError, read_classification
-from .tasks import TASKS, Classification, QuestionAnswering, TokenTagging
+from .errors import SettingsError
+from .loop import TASK_FILE
+from .model_loading import load_model, pick_device
+from .settings import PredictSettings
+from .tasks import TASKS, Task
 
 
-def read_task_file(folder: Path) -> dict:
-    """task.json of a prompts folder, validated before anything is loaded."""
+def read_task_file(folder: Path) -> tuple[dict, Task]:
+    """task.json of a prompts folder and the task it describes, validated before anything is loaded."""
     info = read_json_object(folder / TASK_FILE, "a directory written by `fastprompt train` (prompts and task.json)")
     f = folder / TASK_FILE
     if info.get("task") not in TASKS:
         raise PromptLoadError(f"{f}: 'task' must be one of {sorted(TASKS)}, got {info.get('task')!r}")
     if not isinstance(info.get("model"), str) or not isinstance(info.get("max_length"), int):
         raise PromptLoadError(f"{f}: needs 'model' (a string) and 'max_length' (an integer)")
-    if info["task"] != "qa" and not (isinstance(info.get("labels"), list) and all(isinstance(x, str) for x in info["labels"])):
-        raise PromptLoadError(f"{f}: needs 'labels', a list of label names")
-    if info["task"] == "qa" and not all(isinstance(info.get(k), int) for k in ("doc_stride", "max_answer_length")):
-        raise PromptLoadError(f"{f}: needs 'doc_stride' and 'max_answer_length' (integers)")
-    return info
+    return info, TASKS[info["task"]].from_saved(info, str(f))
 
 
-def _classification_items(args, info):
-    saved = Columns(**info["columns"]) if info.get("columns") else None
-    named = dict(text_column=args.text_column, pair_column=args.text_pair_column)
-    if args.text_column is None and saved is not None:
-        try:  # the training file's columns, when this file has them
-            return read_classification(args.data, info["labels"], text_column=saved.text, pair_column=saved.pair, labelled=False)[0]
-        except DataError:
-            pass
-    return read_classification(args.data, info["labels"], labelled=False, **named)[0]
-
-
-def predict(args, parser) -> int:
-    folder = Path(args.prompts)
+def predict(settings: PredictSettings) -> int:
+    """Runs `fastprompt predict`; raises TrainError (or PromptLoadError) for input it cannot use,
+    before writing anything."""
+    settings.check()
+    folder = Path(settings.prompts)
     try:
-        info = read_task_file(folder)
+        info, task = read_task_file(folder)
     except PromptLoadError as e:
-        parser.error(f"--prompts: {e}")
-    kind = info["task"]
-    try:
-        if kind == "seq":
-            task, items = Classification([], [], info["labels"]), _classification_items(args, info)
-        elif kind == "token":
-            task, items = TokenTagging([], [], info["labels"]), read_conll(args.data, info["labels"], tagged=False)[0]
-        else:
-            items, _ = squad.read_squad(args.data)
-            task = QuestionAnswering([], [], bool(info.get("squad_v2")))
-    except DataError as e:
-        parser.error(str(e))
-    model_path = args.model or info["model"]
-    try:
-        tokenizer, model = load_model(task, model_path)
-    except OSError as e:
-        parser.error(f"--model {model_path}: cannot load ({str(e).splitlines()[0]})")
-    task.prepare(tokenizer, info["max_length"], Namespace(doc_stride=info.get("doc_stride"), max_answer_length=info.get("max_answer_length", 30)))
+        raise SettingsError(f"--prompts: {e}") from None
+    for name in ("num_beams", "max_new_tokens"):  # lm: generation settings other than the training run's
+        if getattr(settings, name) is not None and hasattr(task, name):
+            setattr(task, name, getattr(settings, name))
+    items = task.read_inputs(settings)
+    model_path = settings.model or info["model"]
+    tokenizer, model = load_model(task, model_path, device=pick_device(None))
+    task.prepare(tokenizer, info["max_length"])
     try:
         load_prompts(model, folder)
     except (PromptLoadError, ValueError) as e:
-        parser.error(f"--prompts: {e}")
-    out = task.predict(model, tokenizer, items)
-    write_json(Path(args.out), out)
-    print(f"{len(items)} predictions ({kind}) written to {args.out}")
+        raise SettingsError(f"--prompts: {e}") from None
+    out = Path(settings.out or task.predictions_file)
+    predictions = task.predict(model, tokenizer, items)
+    task.write_predictions(out, predictions)
+    print(f"{len(predictions)} predictions ({task.kind}) written to {out}")
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .tables import DataError
+from .errors import DataError, SettingsError
 
 
 @dataclass
@@ -102,10 +102,10 @@ def _locate(context: str, answer: dict) -> int | None:
 def check_windows(tokenizer, max_length: int, doc_stride: int) -> None:
     """Window settings the tokenizer can honour: the question gets at most half the window."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("--task qa needs a fast tokenizer (it maps answers through token offsets)")
+        raise SettingsError("--task qa needs a fast tokenizer (it maps answers through token offsets)")
     room = max_length - max_length // 2 - tokenizer.num_special_tokens_to_add(pair=True)
     if not 0 < doc_stride < room:
-        raise ValueError(f"--doc-stride must be between 1 and {room - 1} for --max-length {max_length}, got {doc_stride}")
+        raise SettingsError(f"--doc-stride must be between 1 and {room - 1} for --max-length {max_length}, got {doc_stride}")
 
 
 def _questions_that_fit(tokenizer, questions: list[Question], limit: int) -> list[str]:

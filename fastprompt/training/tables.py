@@ -13,9 +13,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-
-class DataError(ValueError):
-    """The data file cannot be used; the message names the file and the problem."""
+from .errors import DataError
 
 
 class Example(NamedTuple):

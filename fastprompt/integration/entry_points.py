@@ -29,6 +29,18 @@ def _input_length(args, kwargs) -> int | None:
     return x.shape[1] if x is not None and x.dim() >= 2 else None
 
 
+def source_lengths(labels) -> torch.Tensor | None:
+    """(B,) the number of tokens before each row's first predicted token (labels (B, T), -100 =
+    not predicted; the model predicts labels[:, t] from tokens < t, so label 0 is never a target),
+    or None when labels are not token labels. A row without targets keeps its whole length."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.is_floating_point():
+        return None
+    target = labels != -100
+    target[:, 0] = False
+    first = target.long().argmax(-1)
+    return torch.where(target.any(-1), first, torch.full_like(first, labels.shape[1]))
+
+
 def _check_labels(runtime, labels, ids) -> None:
     """With per-task heads, every label must be one of its example's task's labels."""
     if not isinstance(labels, torch.Tensor) or labels.device.type != "cpu" or labels.is_floating_point():
@@ -45,6 +57,11 @@ def _check_labels(runtime, labels, ids) -> None:
 
 def wrap_entry_points(model, runtime) -> None:
     """model.forward and model.generate take `prompt_ids` (instance attributes; unpatch removes them)."""
+    try:  # a causal LM's head predicts the next token (token classification heads are not output embeddings)
+        predicts_tokens = model.get_output_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        predicts_tokens = False
+    late_lm = runtime.method.reads_input and runtime.stacks[0].causal and predicts_tokens
     def with_prompt_ids(original, is_forward):
         sig = inspect.signature(original)
         params = [p for p in sig.parameters.values() if p.name not in ("prompt_ids", "example_ids")]
@@ -71,6 +88,10 @@ def wrap_entry_points(model, runtime) -> None:
                 # a late prompt is generated from the input given to generate(), so every new token sees
                 # the same prompt whether generate() runs with a KV cache or recomputes the whole sequence
                 runtime.source_len = _input_length(args, kwargs)
+            elif is_forward and runtime.source_len is None and late_lm:
+                # training a causal LM: the late prompt comes from the tokens before the first target,
+                # as at generation; read from the whole sequence it would hand every position the answer
+                runtime.source_len = source_lengths(kwargs.get("labels"))
             try:
                 return original(*args, **kwargs)
             finally:

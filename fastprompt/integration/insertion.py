@@ -68,10 +68,14 @@ def install_insertion(
         hs = _hidden(args, kwargs)
         real = real_tokens(runtime.mask2d, hs)
         positions = torch.arange(hs.shape[1], device=hs.device)
-        if stack.causal and runtime.source_len is not None:
+        limit = runtime.source_len
+        if stack.causal and limit is not None:
             # inside generate(): only the input given to generate() makes the prompt, not the tokens
-            # generated since (a generate() without KV cache recomputes them all each step)
-            real = real & (positions < runtime.source_len)
+            # generated since (a generate() without KV cache recomputes them all each step); in a
+            # causal LM's training forward, per row, the tokens before its first target
+            if isinstance(limit, torch.Tensor):
+                limit = limit.to(hs.device)[:, None]
+            real = real & (positions < limit)
         # decoders read the last real token (it has seen the whole input), encoders the first ([CLS])
         source = (positions * real).argmax(-1) if stack.causal else real.long().argmax(-1)
         tokens = make_tokens(hs, real, source)

@@ -32,6 +32,7 @@ class Method:
 
     name = ""
     mode = ""  # how the attention function reads the prompt: "prefix" | "prompt_kv" | "insert"
+    reads_input = False  # the prompt is made from each input's hidden states (late prompts)
     peft_type: str | None = None  # the PEFT adapter type with the same numerics, if any
 
     def __init__(self, model: nn.Module, config, stacks: list[Stack], fp: dict, absolute_positions: bool = False,
@@ -311,7 +312,7 @@ class InputPromptMethod(Method):
 class LatePromptMethod(Method):
     """Late Prompt Tuning: a generator per task makes each example's prompt at layer start_layer."""
 
-    name, mode = "lpt", "insert"
+    name, mode, reads_input = "lpt", "insert", True
 
     def check(self):
         if self.config.peft_positions:

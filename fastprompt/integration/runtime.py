@@ -26,7 +26,8 @@ class _ForwardState(threading.local):
     prompt_ids = None  # (B,) task of each example, or None (task 0)
     example_ids = None  # (B,) dataset index of each example, for the lower-layer cache
     skip_lower = False  # every example of this forward is in the lower-layer cache
-    source_len = None  # inside generate() on a decoder: the input's length (late prompts read only it)
+    source_len = None  # decoders: the input's length inside generate(), or (B,) tokens before each row's first target in
+    # a training forward with token labels; late prompts read only those tokens
 
 
 def _state_property(name):

@@ -3,8 +3,8 @@
 - Plain pairs: the prompt is the template with the source in place of `{source}` (default
   `Input: {source}\\nOutput:`); the completion follows after a space (unless the prompt ends in
   whitespace) and ends with EOS. Chat: the tokenizer's chat template renders the conversation
-  (a plain `role: content` layout when it has none); every assistant turn, with the template's
-  end-of-turn text, is completion.
+  (a plain `role: content` layout, EOS after each assistant turn, when it has none); every assistant
+  turn, with the template's end-of-turn text, is completion.
 - Labels are the input ids on completion tokens and -100 on prompt and padding tokens.
 - Truncation never cuts the completion's start: the completion keeps min(its length, M // 2) of the
   M = max_length tokens; the prompt gets the rest (its source is cut at the end, so the template's
@@ -24,11 +24,13 @@ DEFAULT_TEMPLATE = "Input: {source}\nOutput:"
 
 
 def render_chat(tokenizer, turns, add_generation_prompt: bool) -> str:
-    """The conversation as text: the tokenizer's chat template, or `role: content` lines without one."""
+    """The conversation as text: the tokenizer's chat template, or without one `role: content` lines
+    with EOS ending each assistant turn (so a model learns where its answer stops)."""
     messages = [{"role": r, "content": c} for r, c in turns]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"{r}: {c}\n" for r, c in turns)
+    eos = tokenizer.eos_token or "\n"
+    text = "".join(f"{r}: {c}" + (eos if r == "assistant" else "\n") for r, c in turns)
     return text + ("assistant:" if add_generation_prompt else "")
 
 

@@ -72,7 +72,7 @@ def load_task(task, tokenizer=None, max_length=None):
     else:
         t = QuestionAnswering(read_squad(DATA / "squad" / "train.json")[0], read_squad(DATA / "squad" / "eval.json")[0], False)
     if tokenizer is not None:
-        t.prepare(tokenizer, max_length, argparse.Namespace(doc_stride=None, max_answer_length=30))
+        t.prepare(tokenizer, max_length)
     return t
 
 

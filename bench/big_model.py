@@ -3,10 +3,17 @@
 Builds a Llama-architecture causal LM directly in int8 (or nf4 with --4bit), tensor by tensor
 from random weights (`fastprompt.loading.build_quantized`, the path that reads real checkpoints
 shard by shard), patches it with late-truncated deep prompts and checkpointing, and runs real
-training steps (forward, backward, AdamW) on one fixed batch. Prints the parameter count, peak
-resident memory, time per step and the losses, and what `fastprompt.plan` predicts; writes JSON.
+training steps (forward, backward, AdamW) on one fixed batch with a completion-only causal-LM loss
+(the first half of each sequence is the prompt, labelled -100; the second half the completion), as
+generation training does. Prints the parameter count, peak resident memory, time per step and the
+losses, and what `fastprompt.plan` predicts; writes JSON.
+
+`--peer lora` trains the same model, batch and loss with PEFT LoRA (r=8 on the attention
+projections PEFT targets by default) and transformers' gradient checkpointing instead: the method
+users pick by default, which has to back-propagate through every layer.
 
     python bench/big_model.py                       # 10.2 B parameters, int8, B1 S128, 3 steps
+    python bench/big_model.py --peer lora           # the same with PEFT LoRA r=8
     python bench/big_model.py --4bit --hidden 6144 --intermediate 16384 --layers 48 --heads 48
 """
 
@@ -53,6 +60,7 @@ def main(argv=None) -> int:
                          "from fp32 here; bfloat16 with nf4)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-lower-layers", action="store_true", help="steps after the first skip the layers below the prompts")
+    ap.add_argument("--peer", choices=["lora"], default=None, help="train PEFT LoRA r=8 (gradient checkpointing) instead of prompts")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -92,22 +100,34 @@ def main(argv=None) -> int:
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}: "
           f"{n_params / 1e9:.2f} B parameters ({'nf4' if bits == 4 else 'int8'} layers, {str(dtype)[6:]} rest), built in {build_s:.0f} s, "
           f"RSS {_status('VmRSS') / 2**30:.2f} GiB")
-    fastprompt.patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=start_layer, checkpointing=True)
-    params = fastprompt.prompt_parameters(model)
-    print(f"patched: {args.method}, P={args.num_tokens}, start_layer={start_layer}, checkpointing; "
-          f"{sum(p.numel() for p in params):,} trainable parameters")
+    if args.peer == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8))
+        params = [p for p in model.parameters() if p.requires_grad]
+        print(f"PEFT LoRA r=8 ({', '.join(sorted(model.peft_config['default'].target_modules))}), gradient checkpointing; "
+              f"{sum(p.numel() for p in params):,} trainable parameters")
+    else:
+        fastprompt.patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=start_layer, checkpointing=True)
+        params = fastprompt.prompt_parameters(model)
+        print(f"patched: {args.method}, P={args.num_tokens}, start_layer={start_layer}, checkpointing; "
+              f"{sum(p.numel() for p in params):,} trainable parameters")
     extra = {}
-    if args.cache_lower_layers:
+    if args.cache_lower_layers and args.peer is None:
         fastprompt.cache_lower_layers(model)
         extra = {"example_ids": torch.arange(args.batch)}
     opt = torch.optim.AdamW(params, lr=args.lr)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, args.vocab, (args.batch, args.seq), generator=g)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100  # the prompt half: only the completion is learned
     model.train()
     losses, times = [], []
     for step in range(args.steps):
         t = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, **extra).loss
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **extra).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -134,7 +154,7 @@ def main(argv=None) -> int:
           f"measured peak RSS - RSS before building: {(peak - rss_before) / 2**30:.2f} GiB")
     print(f"parameters {n_params / 1e9:.2f} B; peak RSS {peak / 2**30:.2f} GiB (planner, 24 GB device, bf16: {mine['peak_gib']:.2f} GiB); "
           f"step {sorted(times)[len(times) // 2]:.1f} s (median); losses {' -> '.join(f'{l:.4f}' for l in losses)}")
-    out = Path(args.out or HERE / "results" / f"big_model_{'nf4' if bits == 4 else 'int8'}_cpu.json")
+    out = Path(args.out or HERE / "results" / f"big_model_{'nf4' if bits == 4 else 'int8'}{'_' + args.peer if args.peer else ''}_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python bench/big_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "machine": platform.machine()}

@@ -246,6 +246,10 @@ def _alone(model, c, batch, lengths, i, prompt_ids):
         one["position_ids"] = torch.arange(T)[real][None]
     if c["head"] == "seq2seq":
         one["decoder_input_ids"] = batch["decoder_input_ids"][i:i + 1]
+    if c["head"] == "lm":
+        # the batch is called with its token labels, so is the example (a late prompt on a causal LM
+        # reads only the tokens before the first target)
+        one["labels"] = batch["labels"][i][real][None]
     kw = {} if prompt_ids is None else {"prompt_ids": prompt_ids[i:i + 1]}
     with torch.no_grad():
         return [o[0].float() for o in _outputs(model(**one, **kw), c["head"])]

@@ -2,11 +2,13 @@
 
 An e2e result (bench/e2e_vs_peft.py): step time, saved activations and peak memory per
 configuration, each relative to PEFT measured in the same run. An accuracy-parity result
-(bench/accuracy_parity.py): per task, the metric, training speed x PEFT and peak memory.
+(bench/accuracy_parity.py): per task, the metric, training speed x PEFT and peak memory. A
+generation result (bench/generation_parity.py): BLEU, ROUGE-L, step time and peak memory per row.
 
     python bench/chart.py                                   # bench/results/e2e_llama_cpu.json
     python bench/chart.py bench/results/e2e_minilm_cpu.json --out chart.png
     python bench/chart.py bench/results/accuracy_parity_sst2.json
+    python bench/chart.py bench/results/generation_parity.json
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def draw(results_path: Path, out: Path) -> Path:
     meta, results = data["meta"], data["results"]
     if all("metric" in r for r in results.values()):
         return _draw_accuracy(plt, meta, results, out)
+    if any("bleu" in r for r in results.values()):
+        return _draw_generation(plt, meta, results, out)
     names = [n for n in results if not n.startswith("int8")]
     metrics = [("step_ratio", "step time"), ("saved_ratio", "activations saved for backward"), ("peak_ratio", "peak memory")]
     metrics = [m for m in metrics if all(m[0] in results[n] for n in names)]
@@ -77,6 +81,30 @@ def _draw_accuracy(plt, meta, results, out: Path) -> Path:
             ax.set_title(f"{task}: " + title.format(metric=metric_name.get(task, "metric")), fontsize=10)
             ax.invert_yaxis()
     fig.suptitle(f"MiniLM, one fixed budget per task, PEFT prefix tuning dashed (bench/accuracy_parity.py, {meta['date'][:10]})", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _draw_generation(plt, meta, results, out: Path) -> Path:
+    """A generation-parity result (bench/generation_parity.py): BLEU, ROUGE-L, step time and peak RSS per row."""
+    names = [n for n, r in results.items() if "bleu" in r]
+    panels = [("bleu", "BLEU (higher is better)", "{:.1f}"), ("rougeL", "ROUGE-L (higher is better)", "{:.1f}"),
+              ("step_s", "step s (lower is better)", "{:.2f}"), ("peak_mib", "peak RSS MiB (lower is better)", "{:.0f}")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
+    for ax, (key, title, fmt) in zip(axes, panels):
+        values = [results[n][key] for n in names]
+        colors = ["#9a9a9a" if n.startswith("peft") else "#2b6cb0" for n in names]
+        bars = ax.barh(names, values, color=colors)
+        ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize=8)
+        ax.set_xlim(0, max(max(values), 1e-9) * 1.25)
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+    settings = meta.get("settings", {})
+    fig.suptitle(f"{meta['model']}, {meta['data']}: {settings.get('steps')} steps of {settings.get('batch_size')}, "
+                 f"P={settings.get('num_tokens')}, greedy ({meta['date'][:10]})", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -83,10 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=int, default=512)
     pl.add_argument("--num-tokens", type=int, default=32)
     bench = sub.add_parser("bench", help="run a benchmark from the source checkout's bench/ folder")
-    bench.add_argument("what", choices=["kernels", "e2e", "chart", "accuracy", "adapters"],
+    bench.add_argument("what", choices=["kernels", "e2e", "chart", "accuracy", "adapters", "generation", "memory"],
                        help="kernels: prefix-attention microbenchmarks; e2e: training steps against PEFT; "
                             "chart: PNG of an e2e result; accuracy: SST-2/CoNLL/MRPC/SQuAD parity against PEFT; "
-                            "adapters: training steps against AdapterHub adapters (its own environment)")
+                            "adapters: training steps against AdapterHub adapters (its own environment); "
+                            "generation: E2E on the real SmolLM2 decoder against PEFT prefix/prompt tuning and LoRA; "
+                            "memory: peak RSS of `fastprompt train` on SmolLM2 in float32, --int8 and --int4")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark script")
     return p
 
@@ -96,7 +98,8 @@ def bench(args) -> int:
 
     folder = Path(__file__).resolve().parents[1] / "bench"
     script = folder / {"kernels": "kernels_report.py", "e2e": "e2e_vs_peft.py", "chart": "chart.py", "accuracy": "accuracy_parity.py",
-                       "adapters": "adapters_compare.py"}[args.what]
+                       "adapters": "adapters_compare.py", "generation": "generation_parity.py",
+                       "memory": "trainer_memory.py"}[args.what]
     if not script.is_file():
         print(f"fastprompt bench: error: {script} not found: the benchmarks are not installed with the package; "
               "run them from a source checkout (git clone, then `pip install -e .`)", file=sys.stderr)

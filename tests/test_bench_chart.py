@@ -48,3 +48,17 @@ def test_accuracy_chart_png(tmp_path):
     head = chart.draw(src, tmp_path / "acc.png").read_bytes()[:24]
     width, height = struct.unpack(">II", head[16:24])
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and width > 1000 and height > 300  # two tasks x three panels
+
+
+def test_generation_chart_png(tmp_path):
+    row = {"bleu": 30.0, "rougeL": 45.0, "step_s": 3.0, "peak_mib": 2500}
+    results = {
+        "meta": {"command": "python bench/generation_parity.py", "date": "2026-12-06", "model": "SmolLM2", "data": "E2E",
+                 "settings": {"steps": 80, "batch_size": 8, "num_tokens": 16}},
+        "results": {"ptv2 L=0": row, "peft prefix": {**row, "bleu": 20.0}, "prompt": {"skipped": "crashed"}},
+    }
+    src = tmp_path / "gen.json"
+    src.write_text(json.dumps(results))
+    head = chart.draw(src, tmp_path / "gen.png").read_bytes()[:24]
+    width, height = struct.unpack(">II", head[16:24])
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and width > 1500 and height > 200  # four panels, the skipped row left out

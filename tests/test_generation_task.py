@@ -126,6 +126,28 @@ def test_references_group_by_input_in_first_seen_order(tmp_path):
     assert refs[0] == ["Aromi serves Chinese food.", "Chinese food is served at Aromi."]
 
 
+def test_real_e2e_reads_every_reference_of_every_input():
+    """E2E NLG as shipped (quoted CSV fields with commas, UTF-8 £ and Café): read against csv.DictReader."""
+    import csv
+
+    from conftest import DATA
+
+    path = DATA / "e2e" / "dev.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} absent")
+    with open(path, newline="", encoding="utf-8") as f:
+        expected = [(r["mr"].strip(), r["ref"].strip()) for r in csv.DictReader(f)]
+    pairs, columns = read_text_pairs(path)
+    assert (columns.source, columns.target) == ("mr", "ref")
+    assert [(p.source, p.target) for p in pairs] == expected
+    inputs, refs = group_references(pairs)
+    by_mr: dict[str, list[str]] = {}
+    for mr, ref in expected:
+        by_mr.setdefault(mr, []).append(ref)
+    assert [p.source for p in inputs] == list(by_mr) and refs == list(by_mr.values())
+    assert len(inputs) == 80 and sum(map(len, refs)) == 853  # PROVENANCE.md's counts
+
+
 # ---- metrics
 
 
@@ -189,6 +211,7 @@ LM_FLAGS = {
     "--start-layer": ["--start-layer", "2"],
     "--checkpointing": ["--checkpointing", "--start-layer", "1"],
     "--int8": ["--int8"],
+    "--int4": ["--int4"],
     "--cache-lower-layers": ["--cache-lower-layers", "--start-layer", "2"],
     "--init-text": ["--init-text", "Describe the restaurant."],
     "--prefix-init zero": ["--prefix-init", "zero"],

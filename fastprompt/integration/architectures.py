@@ -8,6 +8,7 @@ then never call it (DeBERTa-v2 for one), which would train nothing and say nothi
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,15 +20,21 @@ class Stack:
     """One stack of transformer layers: layers[i] holds self_attention[i].
 
     owner: the module whose forward takes the stack's (input_ids, attention_mask) and runs the
-    layers; rotary: its rotary embedding module, or None for absolute positions.
+    layers, held weakly (it may be the model itself, BertModel say, which owns the runtime that
+    holds its stacks: see back_references.py); rotary: its rotary embedding module, or None for
+    absolute positions.
     """
 
     name: str
     layers: list[nn.Module]
     self_attention: list[nn.Module]
     causal: bool
-    owner: nn.Module
+    owner_ref: Callable[[], nn.Module | None]
     rotary: nn.Module | None = None
+
+    @property
+    def owner(self) -> nn.Module:
+        return self.owner_ref()
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class ArchSpec:
 
 def _stack(name, layers, attn, causal, owner, rotary=None):
     layers = list(layers)
-    return Stack(name, layers, [attn(layer) for layer in layers], causal, owner, rotary)
+    return Stack(name, layers, [attn(layer) for layer in layers], causal, weakref.ref(owner), rotary)
 
 
 def _bert_like(model):

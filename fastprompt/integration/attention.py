@@ -35,10 +35,16 @@ class Binding:
     causal: whether the stack is causal (inserted tokens then see only each other).
     """
 
-    __slots__ = ("runtime", "slot", "inserted", "causal", "calls")
+    __slots__ = ("_runtime", "slot", "inserted", "causal", "calls")
 
     def __init__(self, runtime, slot: int | None, inserted: int = 0, causal: bool = False):
-        self.runtime, self.slot, self.inserted, self.causal, self.calls = runtime, slot, inserted, causal, 0
+        self._runtime = weakref.ref(runtime)  # the module holds the binding: see back_references.py
+        self.slot, self.inserted, self.causal, self.calls = slot, inserted, causal, 0
+
+    @property
+    def runtime(self):
+        """The PromptRuntime, or None once it is gone (a module kept after its model was dropped)."""
+        return self._runtime()
 
 
 def extend_mask_for_inserted(mask: torch.Tensor, n: int, causal: bool, q_len: int) -> torch.Tensor:
@@ -108,7 +114,8 @@ def key_padding_of(mask: torch.Tensor | None) -> torch.Tensor | None:
 def fastprompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: query (B, H, Q, D), key/value (B, Hkv, K, D) -> ((B, Q, H, D), None)."""
     binding = module.__dict__.get("_fastprompt")
-    if binding is None:
+    runtime = None if binding is None else binding.runtime
+    if runtime is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     binding.calls += 1
     n = binding.inserted
@@ -117,7 +124,7 @@ def fastprompt_attention(module, query, key, value, attention_mask, scaling=None
         # a relative position bias computed below the inserted tokens: they get none
         rows = n if bias.shape[-2] == query.shape[-2] - n else 0
         kwargs["position_bias"] = bias = torch.nn.functional.pad(bias, (n, 0, rows, 0))
-    kv = binding.runtime.prefix(binding.slot, query.dtype, query.device)
+    kv = runtime.prefix(binding.slot, query.dtype, query.device)
     padding = None if kv is None else key_padding_of(attention_mask)
     if padding is not None:
         if n and padding.shape[-1] == key.shape[-2] - n:  # inserted prompt tokens are real tokens

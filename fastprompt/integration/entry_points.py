@@ -5,9 +5,11 @@ attention function reads."""
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
+from .back_references import weak_method
 from .positions import positions_from_mask
 
 
@@ -56,12 +58,15 @@ def _check_labels(runtime, labels, ids) -> None:
 
 
 def wrap_entry_points(model, runtime) -> None:
-    """model.forward and model.generate take `prompt_ids` (instance attributes; unpatch removes them)."""
+    """model.forward and model.generate take `prompt_ids` (instance attributes; unpatch removes them).
+    The model holds them, so they hold the model and the runtime weakly (back_references.py)."""
     try:  # a causal LM's head predicts the next token (token classification heads are not output embeddings)
         predicts_tokens = model.get_output_embeddings() is not None
     except (AttributeError, NotImplementedError):
         predicts_tokens = False
     late_lm = runtime.method.reads_input and runtime.stacks[0].causal and predicts_tokens
+    runtime_ref = weakref.ref(runtime)
+
     def with_prompt_ids(original, is_forward):
         sig = inspect.signature(original)
         params = [p for p in sig.parameters.values() if p.name not in ("prompt_ids", "example_ids")]
@@ -69,7 +74,14 @@ def wrap_entry_points(model, runtime) -> None:
         for name in ("example_ids", "prompt_ids"):
             params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
 
+        call = weak_method(model, original)
+
         def wrapper(*args, prompt_ids=None, example_ids=None, **kwargs):
+            runtime = runtime_ref()
+            if runtime is None:  # kept from before an unpatch: the model as it is now
+                if prompt_ids is not None or example_ids is not None:
+                    raise RuntimeError("this model is not patched by fastprompt any more: prompt_ids and example_ids need fastprompt.patch")
+                return call(*args, **kwargs)
             if prompt_ids is None and runtime.prompt_ids is not None:
                 ids = runtime.prompt_ids  # called inside generate(): the ids it was given
             else:
@@ -93,7 +105,7 @@ def wrap_entry_points(model, runtime) -> None:
                 # as at generation; read from the whole sequence it would hand every position the answer
                 runtime.source_len = source_lengths(kwargs.get("labels"))
             try:
-                return original(*args, **kwargs)
+                return call(*args, **kwargs)
             finally:
                 runtime.prompt_ids, runtime.example_ids, runtime.source_len = previous
                 runtime.skip_lower = False

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .back_references import weak_hook
+
 
 class LowerLayerCache:
     """Hidden states (real tokens only) entering the first prompted layer, keyed by example id.
@@ -96,12 +98,12 @@ def install_lower_cache(runtime, stack, start: int, cache: LowerLayerCache) -> N
     """Hooks the cache into a patched stack whose first prompted layer is `start` (> 0)."""
     from .insertion import real_tokens
 
-    def decide(module, args, kwargs):
+    def decide(runtime, module, args, kwargs):
         ids = runtime.example_ids
         runtime.skip_lower = ids is not None and cache.has_all(ids)
         return None
 
-    def at_start(module, args, kwargs):
+    def at_start(runtime, module, args, kwargs):
         ids = runtime.example_ids
         if ids is None:
             return None
@@ -115,6 +117,6 @@ def install_lower_cache(runtime, stack, start: int, cache: LowerLayerCache) -> N
         cache.put(ids, hs, real)
         return None
 
-    runtime.handles.append(stack.owner.register_forward_pre_hook(decide, with_kwargs=True))
+    runtime.handles.append(stack.owner.register_forward_pre_hook(weak_hook(runtime, decide), with_kwargs=True))
     # before any other pre-hook of that layer (Late Prompt insertion reads the restored states)
-    runtime.handles.append(stack.layers[start].register_forward_pre_hook(at_start, with_kwargs=True, prepend=True))
+    runtime.handles.append(stack.layers[start].register_forward_pre_hook(weak_hook(runtime, at_start), with_kwargs=True, prepend=True))

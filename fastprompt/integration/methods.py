@@ -15,11 +15,14 @@ bank in and out, grows a bank by a task, and converts to and from PEFT where PEF
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
 from . import prompts as modules
 from .architectures import Stack
+from .back_references import weak_hook
 from .compat import output_cache
 from .insertion import install_insertion
 from .runtime import bind
@@ -38,10 +41,15 @@ class Method:
     def __init__(self, model: nn.Module, config, stacks: list[Stack], fp: dict, absolute_positions: bool = False,
                  init_ids: torch.Tensor | None = None):
         """init_ids: (P,) token ids of config.init_text (text_init.init_text_ids), or None."""
-        self.model, self.config, self.stacks, self.fp = model, config, stacks, fp
+        self._model = weakref.ref(model)  # the model holds its runtime, which holds this method
+        self.config, self.stacks, self.fp = config, stacks, fp
         self.absolute_positions = absolute_positions
         self.init_ids = init_ids
         self.check()
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
 
     def check(self) -> None:
         """Raises ValueError for a config this method cannot run on this model."""
@@ -240,10 +248,9 @@ class InputPromptMethod(Method):
         if not self.inserted:
             self._install_prompt_kv(runtime, first)
             return
-        soft = runtime.prompts
 
-        def make_tokens(hs, real, source):
-            ids = runtime.prompt_ids
+        def make_tokens(runtime, hs, real, source):
+            soft, ids = runtime.prompts, runtime.prompt_ids
             if soft.num_tasks == 1 or ids is None:
                 return soft.embedding[0][None].expand(hs.shape[0], -1, -1)
             return soft.embedding[ids.to(soft.embedding.device)]
@@ -251,51 +258,50 @@ class InputPromptMethod(Method):
         install_insertion(runtime, first, 0, self.config.num_tokens, make_tokens, first.rotary, bind)
 
     def _install_prompt_kv(self, runtime, stack: Stack) -> None:
-        model, base = self.model, stack.owner
         for i, attn in enumerate(stack.self_attention):
             bind(runtime, attn, i)
-        soft = runtime.prompts
-        absolute = self.absolute_positions
 
-        def compute(tasks):
-            """Every layer's (K, V) of the prompts of `tasks` ((n,) ids, None = all), each (n, Hkv, P, D)."""
-            emb_w = model.get_input_embeddings().weight
-            embeds = soft.embedding if tasks is None else soft.embedding[tasks]
-            embeds = embeds.to(device=emb_w.device, dtype=emb_w.dtype if emb_w.is_floating_point() else torch.float32)
-            n, p = embeds.shape[:2]
-            # rotary models: prompt at positions -P..-1 so real tokens keep 0..T-1
-            start = 0 if absolute else -p
-            pos = torch.arange(start, start + p, device=emb_w.device)[None].expand(n, -1)
-            # transformers' gradient checkpointing (gradient_checkpointing_enable()) makes the stack turn
-            # use_cache off in training; this P-token pass exists to fill a cache, and its layers run
-            # unwrapped (truncation.py's bypass), so only the stack's own flag is in the way
-            hf_checkpointing = getattr(base, "gradient_checkpointing", False)
-            runtime.computing = True
-            base.gradient_checkpointing = False
-            try:
-                out = base(inputs_embeds=embeds, position_ids=pos, use_cache=True)
-            finally:
-                runtime.computing = False
-                base.gradient_checkpointing = hf_checkpointing
-            cache = output_cache(out)
-            return [(layer.keys, layer.values) for layer in cache.layers]
-
-        def prehook(module, args, kwargs):
+        def prehook(runtime, module, args, kwargs):
             if runtime.computing:
                 return None
+            soft, compute = runtime.prompts, runtime.method.prompt_key_values
             params = list(soft.parameters())
             ids = runtime.prompt_ids
             if torch.is_grad_enabled() and any(p.requires_grad for p in params) and ids is not None and soft.num_tasks > 1:
                 # training: only the tasks present in the batch, ids re-indexed into them
                 used, ids = torch.unique(ids, return_inverse=True)
-                runtime.prompt_kv = (compute(used), ids)
+                runtime.prompt_kv = (compute(runtime, used), ids)
             else:
-                runtime.prompt_kv = (runtime._kv_cache.get(params, None, lambda: compute(None)), ids)
+                runtime.prompt_kv = (runtime._kv_cache.get(params, None, lambda: compute(runtime, None)), ids)
             return None
 
         # hooked on the stack's first layer (OPTForCausalLM calls model.decoder, never the base
         # model). Checkpointed layers get these K/V back for their recompute from a snapshot
-        runtime.handles.append(stack.layers[0].register_forward_pre_hook(prehook, with_kwargs=True))
+        runtime.handles.append(stack.layers[0].register_forward_pre_hook(weak_hook(runtime, prehook), with_kwargs=True))
+
+    def prompt_key_values(self, runtime, tasks):
+        """Every layer's (K, V) of the prompts of `tasks` ((n,) ids, None = all), each (n, Hkv, P, D)."""
+        model, base, soft = self.model, self.stacks[0].owner, runtime.prompts
+        emb_w = model.get_input_embeddings().weight
+        embeds = soft.embedding if tasks is None else soft.embedding[tasks]
+        embeds = embeds.to(device=emb_w.device, dtype=emb_w.dtype if emb_w.is_floating_point() else torch.float32)
+        n, p = embeds.shape[:2]
+        # rotary models: prompt at positions -P..-1 so real tokens keep 0..T-1
+        start = 0 if self.absolute_positions else -p
+        pos = torch.arange(start, start + p, device=emb_w.device)[None].expand(n, -1)
+        # transformers' gradient checkpointing (gradient_checkpointing_enable()) makes the stack turn
+        # use_cache off in training; this P-token pass exists to fill a cache, and its layers run
+        # unwrapped (truncation.py's bypass), so only the stack's own flag is in the way
+        hf_checkpointing = getattr(base, "gradient_checkpointing", False)
+        runtime.computing = True
+        base.gradient_checkpointing = False
+        try:
+            out = base(inputs_embeds=embeds, position_ids=pos, use_cache=True)
+        finally:
+            runtime.computing = False
+            base.gradient_checkpointing = hf_checkpointing
+        cache = output_cache(out)
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def to_peft(self, prompts, task):
         if self.inserted:
@@ -330,11 +336,11 @@ class LatePromptMethod(Method):
         return modules.LatePromptBank(self.fp["hidden_size"], c.num_tokens, c.generator, c.generator_hidden, c.num_tasks)
 
     def install(self, runtime):
-        first, bank = self.stacks[0], runtime.prompts
+        first = self.stacks[0]
 
-        def make_tokens(hs, real, source):
+        def make_tokens(runtime, hs, real, source):
             ids = runtime.prompt_ids
-            return bank(hs, real, source, None if ids is None else ids.to(hs.device))
+            return runtime.prompts(hs, real, source, None if ids is None else ids.to(hs.device))
 
         install_insertion(runtime, first, self.config.start_layer, self.config.num_tokens, make_tokens, first.rotary, bind)
 

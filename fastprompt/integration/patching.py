@@ -6,10 +6,13 @@ padding mask captured for the hooks, layers below the first prompt run without a
 others checkpointed on request (truncation.py), PEFT's position shift (positions.py),
 bitsandbytes fix-ups on CPU (quantized.py), trained heads (heads.py), entry points that take
 prompt_ids (entry_points.py), and a probe forward that proves attention reached the function
-(probe.py).
+(probe.py). All of it reaches the model and the runtime weakly (back_references.py): a patched model
+is freed as soon as it is dropped, as an unpatched one is.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch.nn as nn
 
@@ -58,13 +61,13 @@ def install(model: nn.Module, config, tokenizer=None) -> PromptRuntime:
         # Later stacks (T5's decoder) read the first stack's output, so all their layers keep theirs.
         L = config.start_layer
         with_grad = first.layers[L:] + [l for s in stacks[1:] for l in s.layers]
+        bypass, skip, snapshot, restore = _forward_state(runtime)
         install_truncation(
             first.layers[:L], with_grad, runtime.wrapped_forwards, config.checkpointing,
-            bypass=lambda: runtime.computing, snapshot=runtime.snapshot, restore=runtime.restore,
-            skip=lambda: runtime.skip_lower,
+            bypass=bypass, snapshot=snapshot, restore=restore, skip=skip,
         )
         if config.peft_positions:
-            runtime.handles += position_shift_hooks(model, stacks, config.num_tokens, lambda: runtime.computing)
+            runtime.handles += position_shift_hooks(model, stacks, config.num_tokens, bypass)
         install_quantized_fixes(model, runtime)
 
         runtime.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -92,6 +95,34 @@ def install(model: nn.Module, config, tokenizer=None) -> PromptRuntime:
         uninstall(model, runtime)
         raise
     return runtime
+
+
+def _forward_state(runtime: PromptRuntime):
+    """(bypass, skip, snapshot, restore) for the layer wrappers and hooks the model holds, reaching the
+    runtime weakly: bypass() while the prompt's own pass runs, skip() on a lower-layer cache hit,
+    snapshot() / restore(state) -> previous for a checkpointed recompute. A snapshot holds the runtime
+    strongly: the graph of a checkpointed forward keeps it for the recompute (the graph is not the model's)."""
+    ref = weakref.ref(runtime)
+
+    def bypass():
+        rt = ref()
+        return rt is not None and rt.computing
+
+    def skip():
+        rt = ref()
+        return rt is not None and rt.skip_lower
+
+    def snapshot():
+        rt = ref()
+        return None if rt is None else (rt, rt.snapshot())
+
+    def restore(state):
+        if state is None:
+            return None
+        rt, snap = state
+        return rt, rt.restore(snap)
+
+    return bypass, skip, snapshot, restore
 
 
 def uninstall(model: nn.Module, runtime: PromptRuntime) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -188,14 +190,15 @@ class TaskHeads(nn.Module):
         self.weight = nn.Parameter(base.weight.detach().clone()[None].repeat(t, 1, 1))
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone()[None].repeat(t, 1))
         self.register_buffer("labels", torch.tensor(labels, dtype=torch.long, device=base.weight.device), persistent=False)
-        self.__dict__["_runtime"] = runtime  # not a submodule
+        self.__dict__["_runtime"] = weakref.ref(runtime)  # not a submodule; weak: see back_references.py
 
     @property
     def num_tasks(self) -> int:
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self._runtime.prompt_ids
+        runtime = self._runtime()
+        ids = None if runtime is None else runtime.prompt_ids
         if ids is None:
             ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         ids = ids.to(x.device)

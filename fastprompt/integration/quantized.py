@@ -17,10 +17,13 @@
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .back_references import weak_method
 
 
 def _dequantised(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -44,7 +47,11 @@ class FrozenInt8Linear(torch.autograd.Function):
 
 
 def _int8_forward(module, original):
+    # the module holds this forward: it holds the module weakly (back_references.py)
+    module_ref, original = weakref.ref(module), weak_method(module, original)
+
     def forward(x):
+        module = module_ref()
         state = module.state
         if module.weight.CB is not None:  # bitsandbytes moves CB/SCB into its state on first use
             module.init_8bit_state()

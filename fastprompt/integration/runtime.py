@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from . import attention
 from .architectures import Stack
+from .back_references import weak_hook
 from .prompts import FoldCache
 
 PROMPT_MODULE = "fastprompt"  # the prompt module's name on the patched model
@@ -134,7 +135,7 @@ def capture_mask(runtime, stack: Stack) -> None:
     """Keeps the (B, T) padding mask the stack's owner is called with (inserted tokens and the
     lower-layer cache place themselves by it)."""
 
-    def prehook(module, args, kwargs):
+    def prehook(runtime, module, args, kwargs):
         if runtime.computing:  # a decoder prompt's own pass, inside the real forward
             return None
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -142,7 +143,7 @@ def capture_mask(runtime, stack: Stack) -> None:
         runtime.inserted_in_flight = 0  # a forward that raised midway leaves nothing behind
         return None
 
-    runtime.handles.append(stack.owner.register_forward_pre_hook(prehook, with_kwargs=True))
+    runtime.handles.append(stack.owner.register_forward_pre_hook(weak_hook(runtime, prehook), with_kwargs=True))
 
 
 def runtime_of(model: nn.Module) -> PromptRuntime | None:

@@ -3,17 +3,22 @@
 Wrappers are set as an instance attribute `forward` (not a submodule, not a class change), so
 hooks still run once around them, state_dict names stay the same, and removal restores the
 layer exactly. A layer below the first prompt layer of the first stack has only frozen inputs,
-so running it without a graph loses no gradient and the backward pass stops there.
+so running it without a graph loses no gradient and the backward pass stops there. The layer holds
+its wrapper, so the wrapper holds the layer weakly (back_references.py).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import weakref
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
+
+from .back_references import weak_method
 
 _MISSING = object()
 
@@ -21,7 +26,11 @@ _MISSING = object()
 def _set_forward(layer: nn.Module, make, saved: list) -> None:
     previous = layer.__dict__.get("forward", _MISSING)
     original = layer.forward
-    layer.forward = functools.wraps(original)(make(original))
+    forward = functools.wraps(original)(make(weak_method(layer, original)))
+    if getattr(original, "__self__", None) is layer:
+        # __wrapped__ names the function rather than the bound method, which would hold the layer
+        forward.__wrapped__, forward.__signature__ = original.__func__, inspect.signature(original)
+    layer.forward = forward
     saved.append((layer, previous))
 
 
@@ -42,7 +51,7 @@ def _no_grad(original, skip):
 
 
 def _without_hf_checkpointing(layer: nn.Module):
-    """The layer's forward with transformers' own checkpointing wrapper peeled off.
+    """The layer's forward function (unbound) with transformers' own checkpointing wrapper peeled off.
 
     transformers (5.x) wraps every `GradientCheckpointingLayer` subclass's forward in
     `forward_with_checkpointing` (FSDP2's subclasses once more); `__code__` is not copied by
@@ -50,19 +59,20 @@ def _without_hf_checkpointing(layer: nn.Module):
     fn = type(layer).forward
     while getattr(getattr(fn, "__code__", None), "co_name", None) == "forward_with_checkpointing" and hasattr(fn, "__wrapped__"):
         fn = fn.__wrapped__
-    return fn.__get__(layer, type(layer))
+    return fn
 
 
 def _checkpointed(layer, original, always, bypass, snapshot, restore):
-    raw = _without_hf_checkpointing(layer)
+    raw, layer_ref = _without_hf_checkpointing(layer), weakref.ref(layer)
 
     def forward(*args, **kwargs):
+        layer = layer_ref()
         # checkpointing=True, or transformers' own switched on (gradient_checkpointing_enable(),
         # Trainer(gradient_checkpointing=True)), before or after patch: ours takes over, since
         # transformers' recompute would not see this forward's prompt state (prompt_ids, decoder
         # prompt K/V) again; both on at once checkpoints once
         if bypass():  # the prompt's own P-token pass fills a KV cache: never checkpointed (it is short)
-            return raw(*args, **kwargs)
+            return raw(layer, *args, **kwargs)
         wanted = always or (getattr(layer, "gradient_checkpointing", False) and layer.training)
         if not wanted or not torch.is_grad_enabled():
             return original(*args, **kwargs)
@@ -74,13 +84,14 @@ def _checkpointed(layer, original, always, bypass, snapshot, restore):
         if kwargs.get("use_cache"):
             kwargs["use_cache"] = False
         # the recompute runs in backward, maybe in another thread and after other forwards: it gets
-        # this forward's per-call prompt state (prompt_ids, decoder prompt K/V) back
+        # this forward's per-call prompt state (prompt_ids, decoder prompt K/V) back; the graph
+        # holds `run`, and `run` the layer (strongly: the graph is not the layer's)
         state = snapshot()
 
         def run(*a, **k):
             old = restore(state)
             try:
-                return raw(*a, **k)
+                return raw(layer, *a, **k)
             finally:
                 restore(old)
 

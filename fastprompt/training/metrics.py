@@ -1,5 +1,6 @@
 """The metrics `fastprompt train` reports: accuracy and F1 of the positive class, entity-level F1
-(seqeval's strict IOB2 spans), and SQuAD's exact match and token F1 after the official normalisation."""
+(seqeval's strict IOB2 spans), SQuAD's exact match and token F1 after the official normalisation,
+and for generation corpus BLEU (sacrebleu, multi-reference), ROUGE-L (rouge-score) and exact match."""
 
 from __future__ import annotations
 

@@ -76,6 +76,21 @@ def test_bias_scale_and_float_mask(backend):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_bias_that_requires_grad_gets_its_gradient_or_a_named_refusal():
+    """A trainable bias (T5's position bias in an unfrozen model): the default dispatch returns its
+    gradient, as the float64 concatenation does; a backend that cannot is refused by name."""
+    q, k, v, pk, pv = _inputs(2, 4, 2, 5, 5, 3, 8, torch.float32)
+    bias = torch.randn(1, 4, 5, 5, requires_grad=True)
+    w = torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    (got,) = _grads(prefix_attention(q, k, v, pk, pv, bias=bias), (bias,), w)
+    (want,) = _grads(_reference(q, k, v, pk, pv, bias=bias), (bias,), w)
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend='cpu' computes no gradient for an additive bias that requires grad"):
+        prefix_attention(q, k, v, pk, pv, bias=bias, backend="cpu")
+    with torch.no_grad():  # no gradient asked for: the fused backend runs
+        assert prefix_attention(q, k, v, pk, pv, bias=bias, backend="cpu").shape == q.shape
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prompt_bank_with_repeated_ids(backend):
     q, k, v, pk, pv = _inputs(4, 4, 2, 5, 5, 3, 8, torch.float32, bank=3)
@@ -171,6 +186,8 @@ def test_prompt_ids_out_of_range():
         prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="prompt_ids must be an integer tensor"):
         prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="prompt_ids is on meta, q on cpu"):
+        prefix_attention(q, k, v, pk, pv, prompt_ids=torch.tensor([0, 1], device="meta"))
 
 
 def _run(backend, q, k, v, pk, pv, **kw):

@@ -280,3 +280,20 @@ def test_load_trainable_flag_and_reparam_weights(tmp_path):
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
     out.square().sum().backward()
     assert resumed.fastprompt.mlp[0].weight.grad is not None
+
+
+def test_bank_groups_examples_once_per_forward(monkeypatch):
+    """Which prompts a batch uses costs a host sync: one per forward and one per backward at most,
+    not one per layer (3 layers here, checkpointed so the backward recomputes them)."""
+    model = tiny_model("llama")
+    inputs = model_inputs("llama", batch=4)
+    fastprompt.patch(model, method="ptv2", num_tokens=3, num_tasks=4, checkpointing=True)
+    calls = []
+    unique = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: calls.append(1) or unique(*a, **k))
+    out = output_tensor(model(**inputs, prompt_ids=IDS.clone()))
+    assert len(calls) == 1
+    out.sum().backward()
+    assert len(calls) <= 2
+    model(**inputs, prompt_ids=IDS.clone())  # a new batch's ids are grouped anew
+    assert len(calls) in (2, 3)

@@ -20,7 +20,9 @@ class Backend:
 
     name: what users pass as ``backend=``. devices, dtypes: what it runs on. head_dims: (lo, hi)
     inclusive, head_dim_multiple: D must be a multiple of it. gradients, dropout: whether it
-    trains and applies attention dropout. bias: whether it takes an additive bias or float mask.
+    trains and applies attention dropout. bias: whether it takes an additive bias or float mask;
+    bias_gradients: whether it also returns the bias's gradient (a bias that requires grad, T5's
+    position bias in an unfrozen model, goes only to backends that do).
     min_capability: lowest CUDA compute capability. available: whether its runtime (compiler,
     extension, GPU) is present. refuses: further input-dependent refusals, returning the reason
     or None. fn: the implementation, called with normalised `AttentionInputs`, returning
@@ -37,6 +39,7 @@ class Backend:
     gradients: bool = True
     dropout: bool = True
     bias: bool = True
+    bias_gradients: bool = False
     min_capability: tuple[int, int] | None = None
     refuses: Callable[[AttentionInputs], str | None] | None = None
     notes: str = ""
@@ -57,6 +60,8 @@ class Backend:
             return "does not support attention dropout"
         if x.bias is not None and not self.bias:
             return "does not support an additive bias or float mask"
+        if x.bias is not None and x.bias.requires_grad and torch.is_grad_enabled() and not self.bias_gradients:
+            return "computes no gradient for an additive bias that requires grad"
         if not self.gradients and x.needs_grad:
             return "is forward-only (no gradients)"
         if not self.available():

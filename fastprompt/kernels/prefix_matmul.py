@@ -11,6 +11,8 @@ the prefix gradients over the batch inside its products: deterministic, no atomi
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 # rows per product chunk are bounded so the (Hkv, rows, P) float32 score blocks stay under this
@@ -42,12 +44,24 @@ def _unrows(r: torch.Tensor, b: int, h: int, s: int) -> torch.Tensor:
     return r.view(hkv, b, s, g, d).permute(1, 0, 3, 2, 4).reshape(b, h, s, d)
 
 
+# the last grouping: (weakref to the prompt_ids tensor, its version counter, the groups)
+_last_groups: list = [None, -1, None]
+
+
 def prompt_groups(prompt_ids: torch.Tensor | None) -> list[tuple[torch.Tensor, int]] | None:
     """[(example indices, prompt index)] per distinct prompt of a bank, or None without one.
-    One host sync (which prompts occur), paid once per call rather than per product."""
+    Finding which prompts occur costs a host sync; a patched model hands every layer the same
+    prompt_ids tensor in one forward (and its checkpointed recompute), so the grouping is kept
+    for that tensor while it is unchanged (same object, same version): one sync per forward,
+    not one per layer."""
     if prompt_ids is None:
         return None
-    return [((prompt_ids == t).nonzero(as_tuple=True)[0], int(t)) for t in torch.unique(prompt_ids).tolist()]
+    ref, version, groups = _last_groups
+    if ref is not None and ref() is prompt_ids and prompt_ids._version == version:
+        return groups
+    groups = [((prompt_ids == t).nonzero(as_tuple=True)[0], int(t)) for t in torch.unique(prompt_ids).tolist()]
+    _last_groups[:] = [weakref.ref(prompt_ids), prompt_ids._version, groups]
+    return groups
 
 
 def _chunks(n: int, hkv: int, p: int):

@@ -97,5 +97,6 @@ BACKEND = Backend(
     devices=frozenset({"cpu", "cuda", "xpu", "mps"}),
     dtypes=frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64}),
     fn=prefix_attention_torch,
+    bias_gradients=True,  # plain autograd over the materialised scores
     notes="the fallback everywhere: materialises the (B, H, S, P + Sk) scores, so slower and heavier",
 )

@@ -44,6 +44,7 @@ def prefix_attention_inputs(
             prompt_ids.dim() == 1 and prompt_ids.shape[0] == b and prompt_ids.dtype in (torch.int64, torch.int32),
             f"prompt_ids must be an integer tensor of shape ({b},), got {prompt_ids.dtype} {tuple(prompt_ids.shape)}",
         )
+        _check(prompt_ids.device == q.device, f"prompt_ids is on {prompt_ids.device}, q on {q.device}")
         n = prefix_k.shape[0]
         in_range = ((prompt_ids >= 0) & (prompt_ids < n)).all()
         if prompt_ids.device.type == "cpu":

@@ -20,6 +20,10 @@ unpadded, by full forwards without a cache (exact greedy decoding, slower).
 
     python bench/generation_parity.py                      # sweep, then every row (hours on 2 CPU cores)
     python bench/generation_parity.py --steps 40 --no-sweep --configs "ptv2 L=0,peft lora"
+    python bench/generation_parity.py --timing-only        # step times alone, every row side by side
+
+Results accumulate in the JSON across invocations (meta.commands lists them); `timing` holds the
+step-time pass, taken with nothing else running, which is the one to compare step times by.
 """
 
 from __future__ import annotations
@@ -202,6 +206,30 @@ def run(args, name, lr, steps, evaluate_fully: bool):
     return out
 
 
+def time_steps(args, name, lr) -> dict:
+    """Training step time alone: --timing-steps steps after two warm-up steps, nothing else running
+    in the process (the full runs' step times share the machine with generation bookkeeping and
+    whatever else ran then; these are the ones to compare)."""
+    folder = model_folder()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    task = load_task(tokenizer, args.max_length)
+    model, params = build(folder, name, args.num_tokens, args.seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    order = rng.sample(range(len(task.train_items)), len(task.train_items))
+    times = []
+    model.train()
+    for i in range(args.timing_steps + 2):
+        batch = task.encoder.pad_right([task.train_items[j] for j in order[i * args.batch_size : (i + 1) * args.batch_size]])
+        t = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return {"step_s": statistics.median(times[2:]), "steps_timed": args.timing_steps, "lr": lr,
+            "peak_mib": e2e_vs_peft._vm_hwm_mib()}
+
+
 def padding_check(args) -> dict:
     """Max |logit| difference of one input alone vs the same input left-padded in a batch, for PEFT's
     prefix tuning and fastprompt's ptv2, both with the same random (untrained) prefix values."""
@@ -242,12 +270,25 @@ def _child(args, name, lr, steps, full, queue):
         queue.put({"skipped": f"crashed: {type(e).__name__}: {e}"})
 
 
-def _in_child(args, name, lr, steps, full):
+def _timing_child(args, name, lr, queue):
+    torch.set_num_threads(args.threads)
+    e2e_vs_peft._quiet()
+    try:
+        queue.put(time_steps(args, name, lr))
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        queue.put({"skipped": f"crashed: {type(e).__name__}: {e}"})
+
+
+def _in_child(args, name, lr, steps, full, timing=False):
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(args, name, lr, steps, full, q))
+    p = ctx.Process(target=_timing_child, args=(args, name, lr, q)) if timing else ctx.Process(
+        target=_child, args=(args, name, lr, steps, full, q))
     p.start()
     r = q.get()
     p.join()
@@ -266,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--timing-only", action="store_true",
+                    help="only the step-time pass: every row's training step alone, one after another, in fresh processes")
+    ap.add_argument("--timing-steps", type=int, default=8)
     ap.add_argument("--out", default=str(HERE / "results" / "generation_parity.json"))
     args = ap.parse_args(argv)
     names = [n for n in CONFIGS if args.configs is None or n in args.configs.split(",")]
@@ -280,13 +324,30 @@ def main(argv=None) -> int:
             "data": "E2E NLG: shared/data/e2e train.csv -> dev.csv", "settings": vars(args), "decoding": "greedy"}
     sweep = previous.get("sweep", {})
     results = previous.get("results", {})
+    timing = previous.get("timing", {})
+    commands = previous.get("meta", {}).get("commands", [])
+    if previous.get("meta", {}).get("command") and previous["meta"]["command"] not in commands:
+        commands.append(previous["meta"]["command"])
+    meta["commands"] = [*commands, meta["command"]]  # every invocation whose rows this file holds
+    if "padding_check" in previous.get("meta", {}):
+        meta["padding_check"] = previous["meta"]["padding_check"]
 
     def write():
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "sweep": sweep, "results": results}, indent=2, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps({"meta": meta, "sweep": sweep, "results": results, "timing": timing}, indent=2,
+                                  ensure_ascii=False) + "\n")
         tmp.replace(out)
 
     model_folder()  # convert once, before the children start
+    if args.timing_only:
+        for name in names:
+            lr = results.get(name, {}).get("lr", SWEEP[family(name)][len(SWEEP[family(name)]) // 2])
+            timing[name] = _in_child(args, name, lr, 0, False, timing=True)
+            r = timing[name]
+            print(f"{name:<20} " + (r["skipped"] if "skipped" in r else f"step {r['step_s']:.3f}s peak {r['peak_mib']:.0f} MiB"), flush=True)
+            write()
+        print(f"wrote {out}")
+        return 0
     meta["padding_check"] = padding_check(args)
     print(f"padding check (max |logit| alone vs left-padded): {meta['padding_check']}", flush=True)
     write()

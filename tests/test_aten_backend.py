@@ -84,6 +84,7 @@ PATHS = [
     ("varlen-bidirectional-right", 3, 4, 2, 6, 6, False, "right"),
     ("varlen-decode-left", 3, 4, 2, 1, 8, True, "left"),
     ("efficient-chunked-prefill", 3, 4, 2, 3, 7, True, "left"),
+    ("dense-chunked-prefill", 2, 8, 2, 3, 7, True, None),  # flash's bottom-right causal, no padding
 ]
 
 
@@ -123,6 +124,27 @@ def test_dense_mask_float_bias_and_bank_through_the_public_composition():
     c = (torch.arange(s)[None] <= torch.arange(s)[:, None])[None, None]
     ref = _reference(q, k, v, pk, pv, ids=ids, visible=mask & c, bias=bias)
     _check(out, ref, (q, k, v, pk, pv))
+
+
+@pytest.mark.parametrize("kind", [None, "left", "holes"])
+def test_fp32_causal_uses_the_kernels_own_causal_mask(kind):
+    """float32 causal (S == Sk) runs the memory-efficient kernel with its causal mask type: no
+    (S, Sk) causal mask is built (without padding, no bias at all), and the result still matches
+    the concatenation with bottom-right causal and the padded-query rule, gradients included."""
+    b, h, hkv, s, p, d = 3, 4, 2, 7, 3, 8
+    q, k, v, pk, pv = _inputs(b, h, hkv, s, s, p, d)
+    kp = None if kind is None else _padding(b, s, kind)
+    x = prefix_attention_inputs(q, k, v, pk, pv, mask=kp, causal=True)
+    seq, _ = aten.sequence_part(x, REFERENCE_KERNELS)
+    assert type(seq).__name__ == "EfficientBias" and seq.causal
+    if kind is None:
+        assert seq.bias is None
+    elif kind == "left":  # example 0 has no padding: its bias holds no causal -inf
+        assert not torch.isneginf(seq.bias[0]).any()
+    out = aten.prefix_attention_aten(x, REFERENCE_KERNELS)
+    c = (torch.arange(s)[None] <= torch.arange(s)[:, None])[None, None]
+    visible = c if kp is None else _visible(kp, s, s, True)
+    _check(out, _reference(q, k, v, pk, pv, visible=visible), (q, k, v, pk, pv))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -250,3 +272,22 @@ def test_fake_cuda_forward_through_the_public_normalisation(kind):
         assert type(seq).__name__ == ("FlashDense" if kind == "causal" else "EfficientBias")
         out = aten.prefix_attention_aten(x)
         assert out.shape == (b, h, s, d) and out.dtype == dtype and out.device.type == "cuda"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fake_cuda_memory_efficient_with_its_own_causal_mask(with_bias):
+    """The real aten op takes is_causal with and without a bias (float32 causal, S == Sk)."""
+    b, h, s = 2, 8, 48
+
+    def seq(dev):
+        bias = torch.zeros(b, 1, s, s, dtype=torch.float32, device=dev) if with_bias else None
+        return aten.EfficientBias(CUDA_KERNELS, bias, 0.125, causal=True)
+
+    _fake_run(seq, lambda dev: PrefixByMatmul(0.125), b, h, 2, s, s, 16, 64, torch.float32,
+              dead=(lambda dev: torch.empty(b, 1, s, dtype=torch.bool, device=dev)) if with_bias else None)
+
+
+def test_fake_cuda_flash_dense_causal_chunked_prefill():
+    """Causal S < Sk on flash (bottom-right), as sequence_part now routes unpadded chunked prefill."""
+    _fake_run(lambda dev: aten.FlashDense(CUDA_KERNELS, True, 0.125), lambda dev: PrefixByMatmul(0.125), 2, 8, 2, 16, 64, 16, 64,
+              torch.bfloat16)

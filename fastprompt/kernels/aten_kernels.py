@@ -34,14 +34,16 @@ class CudaKernels:
         return _aten._flash_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale)
 
     @staticmethod
-    def efficient_forward(q, k, v, bias, scale):
-        out, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
+    def efficient_forward(q, k, v, bias, scale, causal=False):
+        # causal: the kernel's own top-left causal mask type (callers pass it only when S == Sk,
+        # where top-left and bottom-right agree), so no (S, Sk) mask is built or saved
+        out, lse, seed, offset = _aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
         return out, lse, seed, offset
 
     @staticmethod
-    def efficient_backward(dout, q, k, v, bias, out, lse, seed, offset, scale):
+    def efficient_backward(dout, q, k, v, bias, out, lse, seed, offset, scale, causal=False):
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, False], False, scale=scale
+            dout, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, False], causal, scale=scale
         )
         return dq, dk, dv
 
@@ -128,19 +130,29 @@ class ReferenceKernels:
         return join(dqs), join(dks), join(dvs)
 
     @staticmethod
-    def efficient_forward(q, k, v, bias, scale):
+    def _with_causal(bias, b, h, s, sk, causal, device):
+        """The kernel's top-left causal mask type added to the bias: (B, H, S, Sk) float32 or None."""
+        if not causal:
+            return bias
+        c = torch.zeros(s, sk, device=device).masked_fill(torch.ones(s, sk, dtype=torch.bool, device=device).triu(1), float("-inf"))
+        return c.expand(b, h, s, sk) if bias is None else bias.float() + c
+
+    @staticmethod
+    def efficient_forward(q, k, v, bias, scale, causal=False):
         assert q.shape[1] == k.shape[1], "the memory-efficient kernel takes repeated K/V heads"
         assert bias is None or bias.stride(-2) % 16 == 0 or bias.shape[-2] == 1, "bias rows must be 16-aligned"
         b, h, s, d = q.shape
+        bias = ReferenceKernels._with_causal(bias, b, h, s, k.shape[2], causal, q.device)
         outs, lses = zip(*(_attn(q[i], k[i], v[i], None if bias is None else bias[i], scale) for i in range(b)))
         lse = torch.zeros(b, h, math.ceil(s / 32) * 32, dtype=torch.float32)
         lse.narrow(-1, 0, s).copy_(torch.stack(lses).masked_fill(torch.isinf(torch.stack(lses)), float("-inf")))
         return torch.stack(outs).to(q.dtype), lse, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
 
     @staticmethod
-    def efficient_backward(dout, q, k, v, bias, out, lse, seed, offset, scale):
+    def efficient_backward(dout, q, k, v, bias, out, lse, seed, offset, scale, causal=False):
         b, h, s, d = q.shape
         assert lse.shape[-1] == math.ceil(s / 32) * 32, "the memory-efficient backward takes its padded LSE"
+        bias = ReferenceKernels._with_causal(bias, b, h, s, k.shape[2], causal, q.device)
         grads = [
             _attn_backward(dout[i], q[i], k[i], v[i], out[i], lse[i].narrow(-1, 0, s), None if bias is None else bias[i], scale)
             for i in range(b)

@@ -9,9 +9,12 @@ same the CPU backend's tests exercise; this file only chooses and drives the seq
   so padding costs nothing and composes with causal. On a causal call queries are packed by the
   same mask (a padded query row is padding: it sees only the prefix); on a non-causal one every
   query row is kept and only the keys are packed.
+- FlashAttention-2, dense, also for causal chunked prefill (S < Sk) without padding: its causal
+  is bottom-right aligned, as the op defines it.
 - The memory-efficient kernel with one additive bias for everything else: a dense mask, a float
-  bias (T5's position bias), causal chunked prefill (S != Sk), float32. It takes repeated K/V
-  heads, so grouped-query K/V are repeated on this path only.
+  bias (T5's position bias), padded chunked prefill, float32. With S == Sk causal is the kernel's
+  own mask type, not part of the bias, so float32 causal calls build no (S, Sk) mask. It takes
+  repeated K/V heads, so grouped-query K/V are repeated on this path only.
 
 The kernels are called through a `kernels` object (`aten_kernels.CUDA_KERNELS`); tests pass
 `REFERENCE_KERNELS` to run every line here on CPU. Refused (declared below): attention dropout
@@ -163,10 +166,11 @@ class FlashVarlen:
 
 class EfficientBias:
     """`SequencePart`: the memory-efficient kernel with one additive bias (B|1, H|1, S, Sk) in q's
-    dtype and 16-aligned rows, or None. Grouped-query K/V are repeated for this kernel."""
+    dtype and 16-aligned rows, or None; causal: the kernel's own causal mask type (S == Sk only),
+    so the causal pattern is never materialised. Grouped-query K/V are repeated for this kernel."""
 
-    def __init__(self, kernels, bias, scale: float, state=(), has_bias: bool | None = None):
-        self.kernels, self.bias, self.scale, self.state = kernels, bias, scale, state
+    def __init__(self, kernels, bias, scale: float, state=(), has_bias: bool | None = None, causal: bool = False):
+        self.kernels, self.bias, self.scale, self.state, self.causal = kernels, bias, scale, state, causal
         self.has_bias = bias is not None if has_bias is None else has_bias
 
     def tensors(self):
@@ -175,7 +179,10 @@ class EfficientBias:
     def with_tensors(self, tensors):
         t = tuple(tensors)
         bias, state = ((t[0] if t else None), t[1:]) if self.has_bias else (None, t)
-        return EfficientBias(self.kernels, bias, self.scale, state, self.has_bias)
+        return EfficientBias(self.kernels, bias, self.scale, state, self.has_bias, self.causal)
+
+    def _causal_kw(self):
+        return {"causal": True} if self.causal else {}
 
     def _expand(self, q, k, v):
         b, h, s, _ = q.shape
@@ -188,7 +195,7 @@ class EfficientBias:
     def forward(self, q, k, v):
         s = q.shape[2]
         k, v, bias = self._expand(q, k, v)
-        out, lse, seed, offset = self.kernels.efficient_forward(_lastdim(q), k, v, bias, self.scale)
+        out, lse, seed, offset = self.kernels.efficient_forward(_lastdim(q), k, v, bias, self.scale, **self._causal_kw())
         self.state = (seed, offset)
         return out, lse.narrow(-1, 0, s)
 
@@ -198,7 +205,8 @@ class EfficientBias:
         ke, ve, bias = self._expand(q, k, v)
         seed, offset = self.state
         lse_k = torch.nn.functional.pad(lse, (0, math.ceil(s / 32) * 32 - s))  # the kernel's padded LSE
-        dq, dk, dv = self.kernels.efficient_backward(_lastdim(dout), _lastdim(q), ke, ve, bias, _lastdim(out), lse_k, seed, offset, self.scale)
+        dq, dk, dv = self.kernels.efficient_backward(_lastdim(dout), _lastdim(q), ke, ve, bias, _lastdim(out), lse_k, seed, offset,
+                                                     self.scale, **self._causal_kw())
         if g > 1:  # fold the repeated heads back onto their kv head
             dk, dv = dk.unflatten(1, (hkv, g)).sum(2), dv.unflatten(1, (hkv, g)).sum(2)
         return dq, dk, dv
@@ -206,8 +214,12 @@ class EfficientBias:
 
 def _flash_fits(x: AttentionInputs) -> bool:
     _, _, _, s, sk, d = x.shape
+    # causal with S != Sk (chunked prefill): flash aligns causal bottom-right, as the op defines it;
+    # the varlen plan packs queries by the key mask, so a padded one needs S == Sk
+    chunked = x.causal and s != sk
     return (
-        x.q.dtype in (torch.float16, torch.bfloat16) and x.mask is None and x.bias is None and not (x.causal and s != sk)
+        x.q.dtype in (torch.float16, torch.bfloat16) and x.mask is None and x.bias is None
+        and not (chunked and (x.key_padding is not None or s > sk))
     )
 
 
@@ -221,8 +233,13 @@ def sequence_part(x: AttentionInputs, kernels=CUDA_KERNELS):
         # non-causal: an example without real keys sees only the prefix
         dead = None if x.causal else x.key_padding.any(-1).logical_not().view(b, 1, 1)
         return FlashVarlen(kernels, plan, x.causal, x.scale), dead
-    bias = x.additive_bias(x.q.dtype, align=16)
-    return EfficientBias(kernels, bias, x.scale), x.dead_rows_of(bias)
+    # S == Sk without a dense mask: the kernel's causal mask type (top-left = bottom-right there),
+    # the bias holds padding and the float bias; a real query then always sees its own key, so
+    # every row causal leaves without keys is already dead in the bias (a dense mask could hide
+    # all of a row's earlier keys: that call keeps causal in the bias)
+    own_causal = x.causal and s == sk and x.mask is None
+    bias = x.additive_bias(x.q.dtype, align=16, causal=not own_causal)
+    return EfficientBias(kernels, bias, x.scale, causal=own_causal), x.dead_rows_of(bias)
 
 
 def prefix_attention_aten(x: AttentionInputs, kernels=CUDA_KERNELS) -> torch.Tensor:

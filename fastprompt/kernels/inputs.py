@@ -93,11 +93,12 @@ class AttentionInputs:
             vis = c if vis is None else vis & c
         return vis
 
-    def additive_bias(self, dtype: torch.dtype | None = None, align: int = 1) -> torch.Tensor | None:
+    def additive_bias(self, dtype: torch.dtype | None = None, align: int = 1, causal: bool = True) -> torch.Tensor | None:
         """Everything above as one additive float tensor broadcastable to (B, H, S, Sk) (-inf where
         masked, plus the bias), or None when nothing masks. align: the last dimension's storage is
-        padded to a multiple of it (fused kernels read bias rows at aligned addresses)."""
-        vis = self.visible()
+        padded to a multiple of it (fused kernels read bias rows at aligned addresses). causal=False:
+        the causal pattern left out, for a kernel that applies it itself."""
+        vis = self.visible() if causal else self.bool_mask()
         if vis is None and self.bias is None:
             return None
         dtype = dtype or self.q.dtype

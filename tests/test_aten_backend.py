@@ -48,6 +48,9 @@ def _padding(b, sk, kind, seed=0):
     elif kind == "right":
         kp[1, sk - 2 :] = False
         kp[2, 1:] = False
+    elif kind == "left-dead":
+        kp[1, :3] = False
+        kp[2, :] = False
     elif kind == "holes":
         kp = torch.rand(b, sk, generator=torch.Generator().manual_seed(seed)) > 0.3
         kp[:, -1] = True
@@ -82,7 +85,8 @@ PATHS = [
     ("varlen-causal-right", 3, 4, 2, 6, 6, True, "right"),
     ("varlen-causal-holes", 3, 4, 4, 7, 7, True, "holes"),
     ("varlen-bidirectional-right", 3, 4, 2, 6, 6, False, "right"),
-    ("varlen-decode-left", 3, 4, 2, 1, 8, True, "left"),
+    ("decode-left", 3, 4, 2, 1, 8, True, "left"),  # DecodeGrouped: the cache in place, query heads as rows
+    ("decode-left-all-padding", 3, 8, 2, 1, 40, True, "left-dead"),  # one example's cache is all padding
     ("efficient-chunked-prefill", 3, 4, 2, 3, 7, True, "left"),
     ("dense-chunked-prefill", 2, 8, 2, 3, 7, True, None),  # flash's bottom-right causal, no padding
 ]
@@ -101,7 +105,7 @@ def test_every_sequence_path_matches_concat_reference_fp32(case):
         flash = x.__class__(**{**x.__dict__, "q": x.q.detach().bfloat16()})  # what decides the path
         assert aten._flash_fits(flash)
         seq, dead = aten.sequence_part(flash, REFERENCE_KERNELS)
-        assert type(seq).__name__ == ("FlashVarlen" if kind else "FlashDense")
+        assert type(seq).__name__ == ("DecodeGrouped" if kind and s == 1 else "FlashVarlen" if kind else "FlashDense")
         seq.kernels = REFERENCE_KERNELS
     out = MergedPrefixAttention.apply(q, k, v, pk, pv, seq, PrefixByMatmul(x.scale), dead, False)
     visible = None if kp is None else _visible(kp, s, sk, x.causal)
@@ -291,3 +295,22 @@ def test_fake_cuda_flash_dense_causal_chunked_prefill():
     """Causal S < Sk on flash (bottom-right), as sequence_part now routes unpadded chunked prefill."""
     _fake_run(lambda dev: aten.FlashDense(CUDA_KERNELS, True, 0.125), lambda dev: PrefixByMatmul(0.125), 2, 8, 2, 16, 64, 16, 64,
               torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_cuda_decode_on_a_padded_cache_needs_no_host_sync(dtype):
+    """The whole backend call for one decode token against a left-padded cache, on fake CUDA
+    tensors, where data-dependent ops (nonzero: the varlen plan's count of real tokens) raise:
+    so the decode path gathers nothing and never waits on the device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    b, h, hkv, sk, d = 4, 32, 8, 4096, 128
+    with FakeTensorMode(), torch.no_grad():
+        q = torch.empty(b, 1, h, d, dtype=dtype, device="cuda").transpose(1, 2)
+        k, v = (torch.empty(b, hkv, sk, d, dtype=dtype, device="cuda") for _ in range(2))
+        pk, pv = (torch.empty(hkv, 16, d, dtype=dtype, device="cuda") for _ in range(2))
+        kp = torch.ones(b, sk, dtype=torch.bool, device="cuda")
+        x = prefix_attention_inputs(q, k, v, pk, pv, mask=kp, causal=True)
+        assert type(aten.sequence_part(x)[0]).__name__ == "DecodeGrouped"
+        out = aten.prefix_attention_aten(x)
+        assert out.shape == (b, h, 1, d) and out.dtype == dtype

@@ -11,6 +11,9 @@ same the CPU backend's tests exercise; this file only chooses and drives the seq
   query row is kept and only the keys are packed.
 - FlashAttention-2, dense, also for causal chunked prefill (S < Sk) without padding: its causal
   is bottom-right aligned, as the op defines it.
+- Decode (S == 1) on a padded cache: the memory-efficient kernel over the cache where it lies, a
+  broadcast key-padding bias, the query heads of each kv head as rows (`DecodeGrouped`): no gather
+  of the cache and no host sync per token.
 - The memory-efficient kernel with one additive bias for everything else: a dense mask, a float
   bias (T5's position bias), padded chunked prefill, float32. With S == Sk causal is the kernel's
   own mask type, not part of the bias, so float32 causal calls build no (S, Sk) mask. It takes
@@ -212,6 +215,59 @@ class EfficientBias:
         return dq, dk, dv
 
 
+class DecodeGrouped:
+    """`SequencePart` for decode (S == 1) with key padding: the memory-efficient kernel reads the
+    padded cache where it lies, masked by a (B, 1, 1, Sk) bias broadcast without copies, and the
+    G = H // Hkv query heads of each kv head ride as G query rows of one kv head, so grouped K/V
+    are never repeated. Against the varlen path: no per-token gather of the whole cache and no
+    host sync (no count of real tokens), every generated token, in every layer."""
+
+    def __init__(self, kernels, key_bias, scale: float, state=()):
+        self.kernels, self.key_bias, self.scale, self.state = kernels, key_bias, scale, state
+
+    def tensors(self):
+        return (self.key_bias,) + tuple(self.state)
+
+    def with_tensors(self, tensors):
+        t = tuple(tensors)  # () strips the tensors (the merge saves them itself)
+        return DecodeGrouped(self.kernels, t[0] if t else None, self.scale, t[1:])
+
+    def _grouped(self, q, k):
+        b, h, _, d = q.shape
+        hkv = k.shape[1]
+        qg = _lastdim(q.reshape(b, hkv, h // hkv, d))  # query head i uses kv head i // G
+        return qg, self.key_bias.expand(b, hkv, h // hkv, k.shape[2])
+
+    def forward(self, q, k, v):
+        b, h, _, d = q.shape
+        qg, bias = self._grouped(q, k)
+        out, lse, seed, offset = self.kernels.efficient_forward(qg, _lastdim(k), _lastdim(v), bias, self.scale)
+        self.state = (seed, offset)
+        g = qg.shape[2]
+        return out.reshape(b, h, 1, d), lse.narrow(-1, 0, g).reshape(b, h, 1)
+
+    def backward(self, dout, q, k, v, out, lse):
+        b, h, _, d = q.shape
+        hkv = k.shape[1]
+        g = h // hkv
+        qg, bias = self._grouped(q, k)
+        seed, offset = self.state
+        lse_k = torch.nn.functional.pad(lse.reshape(b, hkv, g), (0, math.ceil(g / 32) * 32 - g))
+        dq, dk, dv = self.kernels.efficient_backward(
+            _lastdim(dout.reshape(b, hkv, g, d)), qg, _lastdim(k), _lastdim(v), bias, _lastdim(out.reshape(b, hkv, g, d)), lse_k,
+            seed, offset, self.scale,
+        )
+        return dq.reshape(b, h, 1, d), dk, dv
+
+
+def _key_bias(key_padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, Sk) 0 / -inf from a (B, Sk) key-padding mask, rows in 16-aligned storage."""
+    b, sk = key_padding.shape
+    width = -(-sk // 16) * 16
+    bias = torch.zeros(b, 1, 1, width, dtype=dtype, device=key_padding.device).narrow(-1, 0, sk)
+    return bias.masked_fill(key_padding.logical_not().view(b, 1, 1, sk), float("-inf"))
+
+
 def _flash_fits(x: AttentionInputs) -> bool:
     _, _, _, s, sk, d = x.shape
     # causal with S != Sk (chunked prefill): flash aligns causal bottom-right, as the op defines it;
@@ -226,6 +282,9 @@ def _flash_fits(x: AttentionInputs) -> bool:
 def sequence_part(x: AttentionInputs, kernels=CUDA_KERNELS):
     """(the `SequencePart` for x, dead rows (B|1, H|1, S) bool or None)."""
     b, h, hkv, s, sk, d = x.shape
+    if s == 1 and x.key_padding is not None and x.mask is None and x.bias is None:
+        # decode on a padded cache: an example whose cache is all padding sees only the prefix
+        return DecodeGrouped(kernels, _key_bias(x.key_padding, x.q.dtype), x.scale), x.key_padding.any(-1).logical_not().view(b, 1, 1)
     if _flash_fits(x):
         if x.key_padding is None:
             return FlashDense(kernels, x.causal, x.scale), None

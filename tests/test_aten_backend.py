@@ -314,3 +314,21 @@ def test_fake_cuda_decode_on_a_padded_cache_needs_no_host_sync(dtype):
         assert type(aten.sequence_part(x)[0]).__name__ == "DecodeGrouped"
         out = aten.prefix_attention_aten(x)
         assert out.shape == (b, h, 1, d) and out.dtype == dtype
+
+
+@pytest.mark.parametrize("limit", [4 * 7 * 7 * 2, 7 * 7 * 3])  # chunks of two examples; of three heads
+def test_memory_efficient_calls_are_split_below_the_row_bound(monkeypatch, limit):
+    """Above PyTorch 2.13's bound (query rows x Sk, pytorch#187227) the forward runs in chunks of
+    examples, then heads; output and gradients equal the concatenation reference."""
+    b, h, hkv, s, p, d = 5, 4, 2, 7, 3, 8
+    q, k, v, pk, pv = _inputs(b, h, hkv, s, s, p, d)
+    bias = torch.randn(1, h, s, s)
+    monkeypatch.setattr(aten, "_EFFICIENT_MAX_SCORES", limit)
+    calls = []
+    forward = REFERENCE_KERNELS.efficient_forward
+    monkeypatch.setattr(REFERENCE_KERNELS, "efficient_forward", lambda *a, **kw: calls.append(a[0].shape) or forward(*a, **kw))
+    x = prefix_attention_inputs(q, k, v, pk, pv, causal=True, bias=bias)
+    out = aten.prefix_attention_aten(x, REFERENCE_KERNELS)
+    assert len(calls) > 1 and all(c[0] * c[1] * c[2] * s < limit or c[:2] == (1, 1) for c in calls)
+    c = (torch.arange(s)[None] <= torch.arange(s)[:, None])[None, None]
+    _check(out, _reference(q, k, v, pk, pv, visible=c, bias=bias), (q, k, v, pk, pv))

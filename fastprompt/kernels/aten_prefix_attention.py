@@ -167,6 +167,26 @@ class FlashVarlen:
         return _unpack(dq, p.q_idx, b, s), _unpack(dk, p.k_idx, b, sk), _unpack(dv, p.k_idx, b, sk)
 
 
+# PyTorch 2.13's memory-efficient forward returns garbage once a call's query rows times Sk reach
+# 2^32 (pytorch/pytorch#187227, fixed for 2.14): calls are split by examples, then by heads, to
+# stay below 2^31 elements of scores (a margin over the bug; chunks that big lose no speed)
+_EFFICIENT_MAX_SCORES = 1 << 31
+
+
+def _efficient_chunks(b: int, h: int, s: int, sk: int) -> list[tuple[int, int, int, int]]:
+    """(first example, examples, first head, heads) per memory-efficient call, examples outer;
+    one chunk when one call is safe. One (example, head) pair beyond the bound alone
+    (S * Sk >= 2^31) is not split further."""
+    if b * h * s * sk < _EFFICIENT_MAX_SCORES:
+        return [(0, b, 0, h)]
+    per_example = h * s * sk
+    if per_example < _EFFICIENT_MAX_SCORES:
+        step = (_EFFICIENT_MAX_SCORES - 1) // per_example
+        return [(i, min(step, b - i), 0, h) for i in range(0, b, step)]
+    step = max(1, (_EFFICIENT_MAX_SCORES - 1) // (s * sk))
+    return [(i, 1, j, min(step, h - j)) for i in range(b) for j in range(0, h, step)]
+
+
 class EfficientBias:
     """`SequencePart`: the memory-efficient kernel with one additive bias (B|1, H|1, S, Sk) in q's
     dtype and 16-aligned rows, or None; causal: the kernel's own causal mask type (S == Sk only),
@@ -196,11 +216,23 @@ class EfficientBias:
         return _lastdim(k), _lastdim(v), bias
 
     def forward(self, q, k, v):
-        s = q.shape[2]
+        b, h, s, _ = q.shape
         k, v, bias = self._expand(q, k, v)
-        out, lse, seed, offset = self.kernels.efficient_forward(_lastdim(q), k, v, bias, self.scale, **self._causal_kw())
-        self.state = (seed, offset)
-        return out, lse.narrow(-1, 0, s)
+        chunks = _efficient_chunks(b, h, s, k.shape[2])
+        rows = []  # per example chunk: [(out, lse)] over its head chunks
+        for b0, bn, h0, hn in chunks:
+            part = lambda t: t if len(chunks) == 1 else t.narrow(0, b0, bn).narrow(1, h0, hn)  # noqa: E731
+            out, lse, seed, offset = self.kernels.efficient_forward(
+                _lastdim(part(q)), _lastdim(part(k)), _lastdim(part(v)), None if bias is None else part(bias), self.scale,
+                **self._causal_kw())
+            if h0 == 0:
+                rows.append([])
+            rows[-1].append((out, lse.narrow(-1, 0, s)))
+        self.state = (seed, offset)  # dropout is refused, so no chunk's RNG state is needed again
+        if len(chunks) == 1:
+            return rows[0][0]
+        joined = [(torch.cat([o for o, _ in r], 1), torch.cat([x for _, x in r], 1)) for r in rows]
+        return torch.cat([o for o, _ in joined], 0), torch.cat([x for _, x in joined], 0)
 
     def backward(self, dout, q, k, v, out, lse):
         b, h, s, _ = q.shape

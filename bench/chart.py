@@ -32,7 +32,7 @@ def draw(results_path: Path, out: Path) -> Path:
     if all("metric" in r for r in results.values()):
         return _draw_accuracy(plt, meta, results, out)
     if any("bleu" in r for r in results.values()):
-        return _draw_generation(plt, meta, results, out)
+        return _draw_generation(plt, data, out)
     names = [n for n in results if not n.startswith("int8")]
     metrics = [("step_ratio", "step time"), ("saved_ratio", "activations saved for backward"), ("peak_ratio", "peak memory")]
     metrics = [m for m in metrics if all(m[0] in results[n] for n in names)]
@@ -88,23 +88,29 @@ def _draw_accuracy(plt, meta, results, out: Path) -> Path:
     return out
 
 
-def _draw_generation(plt, meta, results, out: Path) -> Path:
-    """A generation-parity result (bench/generation_parity.py): BLEU, ROUGE-L, step time and peak RSS per row."""
+def _draw_generation(plt, data, out: Path) -> Path:
+    """A generation-parity result (bench/generation_parity.py): BLEU, ROUGE-L, step time (from its
+    quiet `timing` pass when every row has one) and peak RSS per row."""
+    meta, results = data["meta"], data["results"]
     names = [n for n, r in results.items() if "bleu" in r]
+    timing = data.get("timing", {})
+    alone = all("step_s" in timing.get(n, {}) for n in names)  # the quiet step-time pass, when taken
     panels = [("bleu", "BLEU (higher is better)", "{:.1f}"), ("rougeL", "ROUGE-L (higher is better)", "{:.1f}"),
-              ("step_s", "step s (lower is better)", "{:.2f}"), ("peak_mib", "peak RSS MiB (lower is better)", "{:.0f}")]
+              ("step_s", "step s" + (", alone" if alone else "") + " (lower is better)", "{:.2f}"),
+              ("peak_mib", "peak RSS MiB (lower is better)", "{:.0f}")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.45 * len(names) + 1.8), sharey=True)
     for ax, (key, title, fmt) in zip(axes, panels):
-        values = [results[n][key] for n in names]
+        values = [(timing[n] if key == "step_s" and alone else results[n])[key] for n in names]
         colors = ["#9a9a9a" if n.startswith("peft") else "#2b6cb0" for n in names]
         bars = ax.barh(names, values, color=colors)
         ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize=8)
         ax.set_xlim(0, max(max(values), 1e-9) * 1.25)
         ax.set_title(title, fontsize=10)
         ax.invert_yaxis()
-    settings = meta.get("settings", {})
-    fig.suptitle(f"{meta['model']}, {meta['data']}: {settings.get('steps')} steps of {settings.get('batch_size')}, "
-                 f"P={settings.get('num_tokens')}, greedy ({meta['date'][:10]})", fontsize=9)
+    settings, first = meta.get("settings", {}), results[names[0]]
+    fig.suptitle(f"{meta['model']}, {meta['data']}: {first.get('steps', settings.get('steps'))} steps of "
+                 f"{first.get('batch_size', settings.get('batch_size'))}, P={settings.get('num_tokens')}, greedy ({meta['date'][:10]})",
+                 fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

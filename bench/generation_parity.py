@@ -258,6 +258,23 @@ def padding_check(args) -> dict:
     return result
 
 
+def table(data: dict) -> str:
+    """The README's markdown table from a result JSON: the full runs' scores, the quiet pass's step times."""
+    results, timing = data.get("results", {}), data.get("timing", {})
+    lines = ["| configuration | lr | BLEU | ROUGE-L | exact | eval loss | step s (alone) | x LoRA | peak RSS MiB | trainable |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lora = timing.get("peft lora r=8", {}).get("step_s")
+    for name in CONFIGS:
+        r = results.get(name)
+        if r is None or "bleu" not in r:
+            continue
+        step = timing.get(name, {}).get("step_s")
+        lines.append(f"| {name} | {r['lr']:g} | {r['bleu']:.2f} | {r['rougeL']:.2f} | {r['exact_match']:.1f} | {r['eval_loss']:.3f} | "
+                     f"{'-' if step is None else f'{step:.2f}'} | {'-' if step is None or not lora else f'{step / lora:.2f}'} | "
+                     f"{r['peak_mib']:.0f} | {r['trainable']:,} |")
+    return "\n".join(lines)
+
+
 def _child(args, name, lr, steps, full, queue):
     torch.set_num_threads(args.threads)
     e2e_vs_peft._quiet()
@@ -310,10 +327,14 @@ def main(argv=None) -> int:
     ap.add_argument("--timing-only", action="store_true",
                     help="only the step-time pass: every row's training step alone, one after another, in fresh processes")
     ap.add_argument("--timing-steps", type=int, default=8)
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out's results and stop")
     ap.add_argument("--out", default=str(HERE / "results" / "generation_parity.json"))
     args = ap.parse_args(argv)
     names = [n for n in CONFIGS if args.configs is None or n in args.configs.split(",")]
     out = Path(args.out)
+    if args.table:
+        print(table(json.loads(out.read_text())))
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     import peft

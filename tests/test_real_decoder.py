@@ -79,6 +79,8 @@ def test_peft_prefix_adapter_is_padding_invariant_in_fastprompt(smollm2, tmp_pat
     with torch.no_grad():
         alone = ours(input_ids=torch.tensor([short])).logits[0]
         padded = ours(input_ids=batch, attention_mask=mask).logits[0, gap:]
-    torch.testing.assert_close(alone, reference, atol=2e-4, rtol=1e-4)
+    # float32 through 30 layers, PEFT's SDPA over concatenated keys against fastprompt's LSE merge:
+    # summation order alone moves logits of magnitude ~20 by a few 1e-4
+    torch.testing.assert_close(alone, reference, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(padded, reference, atol=2e-3, rtol=1e-3)
     assert padded.argmax(-1).tolist() == reference.argmax(-1).tolist()

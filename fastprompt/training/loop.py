@@ -118,7 +118,9 @@ def train(settings: TrainSettings) -> int:
         print(f"resumed from {ckpt_dir} at step {step} (epoch {first_epoch}, batch {skip})")
     log = open(args.log, "a", encoding="utf-8") if args.log else None
     position = {"epoch": first_epoch, "batch": skip, "rng": rng.getstate()}
-    task_info = {"task": args.task, "model": model_path, "max_length": args.max_length, **task.settings()}
+    # the backbone's precision too: predict loads it the same way, so its outputs are the evaluation's
+    quantization = "int8" if args.int8 else "int4" if args.int4 else None
+    task_info = {"task": args.task, "model": model_path, "max_length": args.max_length, "quantization": quantization, **task.settings()}
     out_dir = Path(args.out)
 
     def checkpoint():

@@ -41,7 +41,11 @@ def predict(settings: PredictSettings) -> int:
             setattr(task, name, getattr(settings, name))
     items = task.read_inputs(settings)
     model_path = settings.model or info["model"]
-    tokenizer, model = load_model(task, model_path, device=pick_device(None))
+    quantization = info.get("quantization")  # absent in task.json files written before it was recorded
+    if quantization not in (None, "int8", "int4"):
+        raise SettingsError(f"--prompts: task.json field 'quantization' must be null, 'int8' or 'int4', got {quantization!r}")
+    tokenizer, model = load_model(task, model_path, int8=quantization == "int8", int4=quantization == "int4",
+                                  device=pick_device(None))
     task.prepare(tokenizer, info["max_length"])
     try:
         load_prompts(model, folder)

@@ -275,24 +275,13 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _child(args, name, lr, steps, full, queue):
-    torch.set_num_threads(args.threads)
+def _child(queue, fn, *fn_args):
+    """fn(*fn_args) in this fresh process, its result (or the crash) put on the queue."""
+    torch.set_num_threads(fn_args[0].threads)
     e2e_vs_peft._quiet()
     try:
-        queue.put(run(args, name, lr, steps, full))
+        queue.put(fn(*fn_args))
     except Exception as e:  # the parent waits on the queue: a crash must still answer
-        import traceback
-
-        traceback.print_exc()
-        queue.put({"skipped": f"crashed: {type(e).__name__}: {e}"})
-
-
-def _timing_child(args, name, lr, queue):
-    torch.set_num_threads(args.threads)
-    e2e_vs_peft._quiet()
-    try:
-        queue.put(time_steps(args, name, lr))
-    except Exception as e:
         import traceback
 
         traceback.print_exc()
@@ -304,8 +293,8 @@ def _in_child(args, name, lr, steps, full, timing=False):
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_timing_child, args=(args, name, lr, q)) if timing else ctx.Process(
-        target=_child, args=(args, name, lr, steps, full, q))
+    call = (time_steps, args, name, lr) if timing else (run, args, name, lr, steps, full)
+    p = ctx.Process(target=_child, args=(q, *call))
     p.start()
     r = q.get()
     p.join()

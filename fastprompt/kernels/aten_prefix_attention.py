@@ -28,7 +28,6 @@ that are not multiples of 8 or above 256, GPUs before sm_80.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -37,6 +36,7 @@ from .declaration import Backend
 from .inputs import AttentionInputs
 from .lse_merge import MergedPrefixAttention
 from .prefix_matmul import PrefixByMatmul, prompt_groups
+from .tensor_memo import LastForTensor
 
 
 def _lastdim(t: torch.Tensor) -> torch.Tensor:
@@ -103,17 +103,11 @@ class VarlenPlan:
 
 
 # the same (B, Sk) mask reaches every layer of one forward: its plan (and host sync) is reused
-_last_plan: list = [None, None, None]
+_plans = LastForTensor()
 
 
 def _plan_for(key_padding: torch.Tensor, s: int, causal: bool) -> VarlenPlan:
-    ref, key, plan = _last_plan
-    k = (key_padding._version, s, causal, key_padding.shape)
-    if ref is not None and ref() is key_padding and key == k:
-        return plan
-    plan = VarlenPlan.from_padding(key_padding, s, causal)
-    _last_plan[:] = [weakref.ref(key_padding), k, plan]
-    return plan
+    return _plans.get(key_padding, lambda: VarlenPlan.from_padding(key_padding, s, causal), key=(s, causal, key_padding.shape))
 
 
 def _pack(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:

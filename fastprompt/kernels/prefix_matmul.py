@@ -11,9 +11,9 @@ the prefix gradients over the batch inside its products: deterministic, no atomi
 
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from .tensor_memo import LastForTensor
 
 # rows per product chunk are bounded so the (Hkv, rows, P) float32 score blocks stay under this
 _MAX_SCORE_ELEMENTS = 1 << 27
@@ -44,24 +44,17 @@ def _unrows(r: torch.Tensor, b: int, h: int, s: int) -> torch.Tensor:
     return r.view(hkv, b, s, g, d).permute(1, 0, 3, 2, 4).reshape(b, h, s, d)
 
 
-# the last grouping: (weakref to the prompt_ids tensor, its version counter, the groups)
-_last_groups: list = [None, -1, None]
+_groups = LastForTensor()
 
 
 def prompt_groups(prompt_ids: torch.Tensor | None) -> list[tuple[torch.Tensor, int]] | None:
     """[(example indices, prompt index)] per distinct prompt of a bank, or None without one.
     Finding which prompts occur costs a host sync; a patched model hands every layer the same
-    prompt_ids tensor in one forward (and its checkpointed recompute), so the grouping is kept
-    for that tensor while it is unchanged (same object, same version): one sync per forward,
-    not one per layer."""
+    prompt_ids tensor in one forward (and its checkpointed recompute), so it is paid once per forward."""
     if prompt_ids is None:
         return None
-    ref, version, groups = _last_groups
-    if ref is not None and ref() is prompt_ids and prompt_ids._version == version:
-        return groups
-    groups = [((prompt_ids == t).nonzero(as_tuple=True)[0], int(t)) for t in torch.unique(prompt_ids).tolist()]
-    _last_groups[:] = [weakref.ref(prompt_ids), prompt_ids._version, groups]
-    return groups
+    return _groups.get(prompt_ids, lambda: [((prompt_ids == t).nonzero(as_tuple=True)[0], int(t))
+                                            for t in torch.unique(prompt_ids).tolist()])
 
 
 def _chunks(n: int, hkv: int, p: int):

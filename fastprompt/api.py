@@ -1,11 +1,21 @@
-"""patch / unpatch / prompt_parameters: the drop-in entry points."""
+"""The drop-in entry points: patch, unpatch, prompt_config, prompt_parameters, cache_lower_layers
+(and unwrap / patched_runtime, re-exported from the integration facade)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .config import PromptConfig
-from .integration.patching import install, runtime_of, uninstall
+from .integration.facade import (
+    LowerLayerCache,
+    install,
+    install_lower_cache,
+    patched_runtime,
+    runtime_of,
+    uninstall,
+    unwrap,
+)
 
 
 def patch(model: nn.Module, config: PromptConfig | None = None, *, tokenizer=None, **kwargs) -> nn.Module:
@@ -40,23 +50,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The patched model inside wrappers that keep it as `.module` (DistributedDataParallel,
-    DataParallel, accelerate's wrappers), or `model` itself."""
-    inner = model
-    while runtime_of(inner) is None and isinstance(getattr(inner, "module", None), nn.Module):
-        inner = inner.module
-    return inner if runtime_of(inner) is not None else model
-
-
-def patched_runtime(model):
-    """The PromptRuntime of a patched model (wrappers unwrapped), or RuntimeError saying to patch first."""
-    runtime = runtime_of(unwrap(model))
-    if runtime is None:
-        raise RuntimeError("this model is not patched by fastprompt; call fastprompt.patch(model, ...) first")
-    return runtime
-
-
 def prompt_config(model: nn.Module) -> PromptConfig:
     """The PromptConfig a patched model was patched with."""
     return patched_runtime(model).config
@@ -83,20 +76,12 @@ def cache_lower_layers(model: nn.Module, dtype=None, path=None):
     be deterministic (no dropout active below L), which frozen layers in eval mode or
     dropout-free models are. Returns the LowerLayerCache (len, nbytes, hits, misses).
     """
-    import torch
-
-    from .integration.architectures import fingerprint
-    from .integration.lower_cache import LowerLayerCache, install_lower_cache
-
     runtime = patched_runtime(model)
-    model = unwrap(model)
     if runtime.config.start_layer == 0:
         raise ValueError("the lower-layer cache needs prompts from a start_layer > 0 (nothing runs below layer 0)")
     if runtime.lower_cache is not None:
         raise RuntimeError("this model already has a lower-layer cache")
-    if runtime.mode == "prompt_kv":
-        raise ValueError("input prompts on decoders start at layer 0; the lower-layer cache does not apply")
-    cache = LowerLayerCache(fingerprint(model)["hidden_size"], dtype or torch.bfloat16, path)
+    cache = LowerLayerCache(runtime.shape.hidden, dtype or torch.bfloat16, path)
     install_lower_cache(runtime, runtime.stacks[0], runtime.config.start_layer, cache)
-    runtime.lower_cache = cache
+    runtime.attach_lower_cache(cache)
     return cache

@@ -1,7 +1,7 @@
 """Prompt banks: one task's slice of a bank, and growing a bank by a task.
 
 A bank holds T prompts (PromptConfig.num_tasks) in the layout its method class knows
-(integration/methods.py: task tensors with a leading task dimension, or one lpt generator per
+(integration/methods/: task tensors with a leading task dimension, or one lpt generator per
 task), and per-task heads are a TaskHeads bank (T, L, H). These helpers move one task in and out.
 """
 
@@ -12,8 +12,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from .api import patched_runtime, unwrap
-from .integration.prompts import TaskHeads
+from .integration.facade import TaskHeads, patched_runtime, unwrap
 
 
 def task_tensors(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
@@ -89,14 +88,6 @@ def add_task(model: nn.Module, name: str | None = None, num_labels: int | None =
 
     runtime.method.grow(prompts)
     if heads:
-        original = runtime.replaced_heads[0][1]
-        for key in head.task_dim_keys:
-            old = getattr(head, key)
-            if old is None:
-                continue
-            row = getattr(original, key).detach()[None].to(old)
-            setattr(head, key, nn.Parameter(torch.cat([old.detach(), row]), requires_grad=True))
-        head.labels = torch.cat([head.labels, head.labels.new_tensor([num_labels])])
-        heads = (*heads, (name, num_labels))
-    runtime.config = dataclasses.replace(config, num_tasks=config.num_tasks + 1, heads=heads)
+        head.grow(num_labels)
+    runtime.task_added(name, num_labels)
     return config.num_tasks

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import PREFIX_INITS
-from .training.settings import METHOD_NAMES, TASK_KINDS
+from .config import PREFIX_INITS, method_names
+from .training.settings import TASK_KINDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--label-column", help="the label column (default: label, Quality, gold_label, ...)")
     t.add_argument("--target-column", help="lm: the completion column (default: completion, ref, target, output, ...)")
     t.add_argument("--template", help="lm: the prompt around the source, with {source} where it goes (default: 'Input: {source}\\nOutput:')")
-    t.add_argument("--method", choices=list(METHOD_NAMES), help="ptv2 (default), prompt or lpt")
+    t.add_argument("--method", choices=list(method_names()), help=f"one of {', '.join(method_names())} (default ptv2)")
     t.add_argument("--num-tokens", type=int, help="prompt length P (default 16; with --init-text, the text's token count)")
     t.add_argument("--start-layer", type=int, help="first layer with a prompt (default 0)")
     t.add_argument("--reparam", action="store_true", help="P-Tuning v2 MLP reparameterisation")

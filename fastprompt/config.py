@@ -1,10 +1,12 @@
-"""PromptConfig: everything that defines a prompt, validated when it is built."""
+"""PromptConfig: everything that defines a prompt, validated when it is built (the fields' own
+types and ranges here; what concerns one method by its class, integration/methods/)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
-METHODS = ("ptv2", "prompt", "lpt")
+from .integration.facade import method_class, method_names
+
 GENERATORS = ("npg", "avgpool", "maxpool")
 PREFIX_INITS = ("random", "zero")
 DEFAULT_NUM_TOKENS = 16
@@ -73,15 +75,12 @@ class PromptConfig:
     prefix_init: str = "random"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        method = method_class(self.method) if isinstance(self.method, str) and self.method in method_names() else None
+        if method is None:
+            raise ValueError(f"method must be one of {method_names()}, got {self.method!r}")
         if self.init_text is not None:
             if not isinstance(self.init_text, str) or not self.init_text.strip():
                 raise ValueError(f"init_text must be a non-empty string, got {self.init_text!r}")
-            if self.method == "lpt":
-                raise ValueError("init_text does not apply to method='lpt': its prompt is generated from each input's hidden states")
-            if self.reparam:
-                raise ValueError("init_text sets the prefix itself; with reparam=True the prefix is an MLP's output: use reparam=False")
             if self.init_token_ids is not None:
                 raise ValueError("pass init_text or init_token_ids, not both")
         elif self.num_tokens is None:
@@ -91,8 +90,6 @@ class PromptConfig:
             raise ValueError(f"num_tokens must be a positive int, got {self.num_tokens!r}")
         if self.prefix_init not in PREFIX_INITS:
             raise ValueError(f"prefix_init must be one of {PREFIX_INITS}, got {self.prefix_init!r}")
-        if self.prefix_init != "random" and (self.method != "ptv2" or self.init_text is not None):
-            raise ValueError(f"prefix_init={self.prefix_init!r} is for method='ptv2' without init_text")
         if isinstance(self.start_layer, bool) or not isinstance(self.start_layer, int) or self.start_layer < 0:
             raise ValueError(f"start_layer must be a non-negative int, got {self.start_layer!r}")
         if not isinstance(self.reparam_hidden, int) or self.reparam_hidden <= 0:
@@ -105,11 +102,7 @@ class PromptConfig:
             raise ValueError(f"generator_hidden must be a positive int, got {self.generator_hidden!r}")
         if not isinstance(self.checkpointing, bool):
             raise ValueError(f"checkpointing must be True or False, got {self.checkpointing!r}")
-        if self.reparam and self.method != "ptv2":
-            raise ValueError(f"reparam=True is for method='ptv2' only, got method={self.method!r}")
         if self.init_token_ids is not None:
-            if self.method != "prompt":
-                raise ValueError(f"init_token_ids is for method='prompt' only, got method={self.method!r}")
             ids = tuple(self.init_token_ids)
             if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise ValueError(f"init_token_ids must be a non-empty sequence of ints, got {self.init_token_ids!r}")
@@ -134,8 +127,13 @@ class PromptConfig:
             raise ValueError(f"num_tasks={self.num_tasks} but heads names {len(self.heads)} tasks; give one head per task")
         if not isinstance(self.peft_positions, bool):
             raise ValueError(f"peft_positions must be True or False, got {self.peft_positions!r}")
-        if self.peft_positions and self.method == "lpt":
-            raise ValueError("peft_positions is for method='ptv2' or 'prompt' (PEFT has no late prompts)")
+        method.validate(self)
+
+    @classmethod
+    def default(cls, name: str):
+        """A field's default value."""
+        f = next(f for f in fields(cls) if f.name == name)
+        return f.default if f.default is not MISSING else f.default_factory()
 
     @property
     def task_names(self) -> list[str]:

@@ -20,12 +20,11 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .api import patch, patched_runtime, prompt_parameters, unwrap
+from .api import patch, prompt_parameters
 from .config import PromptConfig
-from .integration.architectures import fingerprint, spec_for
-from .integration.runtime import runtime_of
+from .integration.facade import method_for_peft_type, patched_runtime, runtime_of, shape_of, spec_for, unwrap
 from .storage import PromptLoadError, atomic_write, read_json_object
+from .version import __version__
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -67,7 +66,8 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
     if not wfile.is_file():
         raise PromptLoadError(f"{wfile}: no such file (expected a PEFT adapter directory)")
     kind = cfg.get("peft_type")
-    if kind not in ("PREFIX_TUNING", "PROMPT_TUNING"):
+    method = method_for_peft_type(kind) if isinstance(kind, str) else None
+    if method is None:
         raise PromptLoadError(f"{cfile}: peft_type must be PREFIX_TUNING or PROMPT_TUNING, got {kind!r}")
     try:
         tensors = safetensors.torch.load(wfile.read_bytes())
@@ -78,15 +78,14 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
     if runtime_of(model) is not None:
         raise RuntimeError("from_peft patches the model itself; call it on an unpatched model")
     stack = _single_stack(model, "from_peft")
-    fp = fingerprint(model)
+    shape = shape_of(model)
     emb = tensors["prompt_embeddings"].float()
     p = cfg.get("num_virtual_tokens")
-    layers, hkv, dh, hidden = fp["layers"][0], fp["kv_heads"], fp["head_dim"], fp["hidden_size"]
+    layers, hkv, dh, hidden = shape.stack_layers[0], shape.kv_heads, shape.head_dim, shape.hidden
     if cfg.get("num_transformer_submodules", 1) != 1:
         raise PromptLoadError(f"{cfile}: num_transformer_submodules={cfg['num_transformer_submodules']}; only single-stack models are supported")
     if kind == "PREFIX_TUNING":
         want = (p, layers * 2 * hkv * dh)
-        method = "ptv2"
     else:
         if not stack.causal:
             raise PromptLoadError(
@@ -94,7 +93,6 @@ def from_peft(model: nn.Module, path: str | os.PathLike, *, peft_positions: bool
                 "through the embedding layer and classifies from a virtual token, which fastprompt's encoder prompts do not)"
             )
         want = (p, hidden)
-        method = "prompt"
     if tuple(emb.shape) != want:
         raise PromptLoadError(f"{wfile}: prompt_embeddings has shape {tuple(emb.shape)}, this model needs {want} "
                               f"({layers} layers, {hkv} kv heads, head dim {dh}, hidden {hidden})")
@@ -137,8 +135,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, *, task: int | None = Non
     t = 0 if task is None else task
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.num_tasks:
         raise ValueError(f"task must be in [0, {config.num_tasks}), got {task!r}")
-    fp = fingerprint(model)
-    layers, hkv, p = fp["layers"][0], fp["kv_heads"], config.num_tokens
+    layers, hkv, p = runtime.shape.stack_layers[0], runtime.shape.kv_heads, config.num_tokens
     common = {
         "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None,
         "inference_mode": True, "num_attention_heads": hkv, "num_layers": layers, "num_transformer_submodules": 1,

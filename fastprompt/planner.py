@@ -1,4 +1,6 @@
-"""Memory planner: predicted peak memory and relative cost of a prompt-training step.
+"""Memory planner: predicted peak memory and relative cost of a prompt-training step (`plan`,
+`predict`, `format_table`, `parse_bytes`), from a model's ModelShape and each method class's own
+prompt sizes.
 
 `plan(model_or_config, device_memory="24GiB", batch_size=8, seq_len=512, num_tokens=32)` returns
 (and prints) one row per configuration: weights bf16 / int8 / nf4 x method x start layer x
@@ -37,12 +39,12 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import torch.nn as nn
+from .config import PromptConfig
+from .integration.facade import BERT_LIKE, GATED, ModelShape, method_class, method_names, shape_of
 
-GATED = ("llama", "mistral", "qwen2", "qwen3", "gemma")
-BERT_LIKE = ("bert", "roberta", "distilbert")
+__all__ = ["PlanRow", "ModelShape", "parse_bytes", "plan", "predict", "shape_of", "format_table"]
+
 WEIGHTS = ("bf16", "int8", "nf4")
-METHODS = ("ptv2", "prompt", "lpt")
 
 
 def parse_bytes(value) -> int:
@@ -58,101 +60,6 @@ def parse_bytes(value) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Shape:
-    """What the formulas need to know about a model."""
-
-    model_type: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    lm_head: bool  # logits over the vocabulary (causal / masked LM) rather than a small head
-    quantisable: int  # parameters in the layers' nn.Linear weights
-    other: int  # every other parameter (embeddings, norms, biases, lm_head, task head)
-    linear_rows: int  # output rows of the quantisable linears (int8 keeps one scale per row)
-    head_params: int  # the task head's parameters (trained)
-    attention_dropout: float
-
-
-def _config_of(obj):
-    if hasattr(obj, "config") and isinstance(obj, nn.Module):
-        return obj.config
-    if isinstance(obj, dict):
-        from transformers import AutoConfig
-
-        obj = dict(obj)
-        return AutoConfig.for_model(obj.pop("model_type"), **obj)
-    if isinstance(obj, str):
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(obj)  # a config.json folder/file or a hub id
-    return obj
-
-
-def shape_of(model_or_config) -> Shape:
-    """Counts parameters exactly from a model, or from its config's sizes."""
-    c = _config_of(model_or_config)
-    mt = c.model_type
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or getattr(c, "dim", None) or c.d_model
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None) or getattr(c, "n_layers", None) or c.num_layers
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or getattr(c, "n_heads", None) or c.num_heads
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or hidden // heads
-    inter = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "hidden_dim", None)
-             or getattr(c, "ffn_dim", None) or getattr(c, "d_ff", None) or 4 * hidden)
-    vocab = c.vocab_size
-    is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")) for a in (getattr(c, "architectures", None) or []))
-    dropout = float(getattr(c, "attention_probs_dropout_prob", 0.0) or getattr(c, "attention_dropout", 0.0) or 0.0)
-    if isinstance(model_or_config, nn.Module):
-        model = model_or_config
-        is_lm = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM"))
-        from .integration.architectures import spec_for
-
-        layer_modules = [l for s in spec_for(model).stacks(model) for l in s.layers]
-        quant, rows = 0, 0
-        for layer in layer_modules:
-            for m in layer.modules():
-                if isinstance(m, nn.Linear) or type(m).__name__.startswith(("Linear8bit", "Linear4bit")):
-                    quant += m.in_features * m.out_features
-                    rows += m.out_features
-        total = sum(_numel(p) for p in model.parameters())
-        head = sum(_numel(p) for n in ("classifier", "score", "qa_outputs") if isinstance(getattr(model, n, None), nn.Module)
-                   for p in getattr(model, n).parameters())
-        return Shape(mt, layers, hidden, heads, kv, head_dim, inter, vocab, is_lm, quant, total - quant, rows, head, dropout)
-    q_out, kv_out = heads * head_dim, kv * head_dim
-    attn = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
-    mlp = (3 if mt in GATED else 2) * hidden * inter
-    rows = q_out + 2 * kv_out + hidden + ((2 * inter + hidden) if mt in GATED else (inter + hidden))
-    quant = layers * (attn + mlp)
-    labels = max(getattr(c, "num_labels", 2), 2)
-    if mt in GATED:  # RMSNorms without bias; Qwen2 has q/k/v biases
-        tied = getattr(c, "tie_word_embeddings", False)
-        other = vocab * hidden * (1 if tied or not is_lm else 2) + layers * 2 * hidden + hidden
-        other += layers * (q_out + 2 * kv_out) if mt == "qwen2" else 0
-        head = 0 if is_lm else hidden * labels
-    elif mt in BERT_LIKE:  # word/position/type embeddings and LayerNorm; per layer biases and two LayerNorms; pooler
-        positions = getattr(c, "max_position_embeddings", 512)
-        types = getattr(c, "type_vocab_size", 0) if mt != "distilbert" else 0
-        other = (vocab + positions + types) * hidden + 2 * hidden
-        other += layers * (q_out + 2 * kv_out + hidden + inter + hidden + 4 * hidden)
-        other += 0 if mt == "distilbert" or is_lm else hidden * hidden + hidden
-        head = 0 if is_lm else hidden * labels + labels
-    else:  # GPT-2, OPT, T5 and others: an estimate (biases and LayerNorms per layer)
-        other = vocab * hidden + layers * (4 * hidden + q_out + 2 * kv_out + hidden + inter + hidden) + 2 * hidden
-        head = 0 if is_lm else hidden * labels
-    return Shape(mt, layers, hidden, heads, kv, head_dim, inter, vocab, is_lm, quant, other + head, layers * rows, head, dropout)
-
-
-def _numel(p) -> int:
-    # bitsandbytes 4-bit parameters pack two values per byte: count the logical elements
-    shape = getattr(getattr(p, "quant_state", None), "shape", None)
-    return int(shape.numel()) if shape is not None else p.numel()
-
-
-@dataclasses.dataclass(frozen=True)
 class PlanRow:
     weights: str
     method: str
@@ -164,15 +71,20 @@ class PlanRow:
     fits: bool
 
 
-def _prompt_params(s: Shape, method, start, p) -> int:
-    if method == "ptv2":
-        return (s.layers - start) * 2 * s.kv_heads * p * s.head_dim
-    if method == "prompt":
-        return p * s.hidden
-    return s.hidden * 128 + 128 + 128 * p * s.hidden + p * s.hidden  # lpt npg generator, r = 128
+def _prompt_params(s: ModelShape, method, start, p) -> int:
+    """The method's own count of its prompt's parameters (its default generator / reparam settings)."""
+    shapes = method_class(method).shapes(PromptConfig(method=method, num_tokens=p, start_layer=start), s)
+    return sum(_product(shape) for shape in shapes.values())
 
 
-def _saved_per_layer(s: Shape, b, t, p, a, train_dropout: bool) -> float:
+def _product(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _saved_per_layer(s: ModelShape, b, t, p, a, train_dropout: bool) -> float:
     """Bytes autograd saves in one layer with grad, for b sequences of t tokens (+ p prefix keys)."""
     n = b * t
     qd, kvd = s.heads * s.head_dim, s.kv_heads * s.head_dim
@@ -188,7 +100,7 @@ def _saved_per_layer(s: Shape, b, t, p, a, train_dropout: bool) -> float:
     return n * (2 * (4 * s.hidden + 4) + (2 * qd + 2 * kvd) * a + 4 * s.heads + mlp)
 
 
-def predict(s: Shape, weights, method, start, ckpt, b, t, p, float_bytes=2, act_bytes=2, tasks_in_batch=1, overhead=0):
+def predict(s: ModelShape, weights, method, start, ckpt, b, t, p, float_bytes=2, act_bytes=2, tasks_in_batch=1, overhead=0):
     """(peak bytes, parts) of one training step; see the module docstring for the formulas."""
     if weights in ("bf16", "float"):  # "float": unquantised in float_bytes (4 for fp32)
         w = s.quantisable * (2 if weights == "bf16" else float_bytes)
@@ -199,13 +111,14 @@ def predict(s: Shape, weights, method, start, ckpt, b, t, p, float_bytes=2, act_
     w += s.other * float_bytes
     trainable = 16 * (_prompt_params(s, method, start, p) + s.head_params)
     upper = s.layers - start
-    t_up = t + p if method == "lpt" else t
-    per_layer = _saved_per_layer(s, b, t_up, 0 if method == "lpt" else p, act_bytes, True)
+    grows = method_class(method).grows_sequence  # inserted tokens: S + P tokens, no prefix keys
+    t_up = t + p if grows else t
+    per_layer = _saved_per_layer(s, b, t_up, 0 if grows else p, act_bytes, True)
     if ckpt:
         saved = upper * b * t_up * s.hidden * act_bytes + per_layer
     else:
         saved = upper * per_layer
-    if method == "prompt" and s.model_type not in BERT_LIKE:  # the prompt's own pass, with grad
+    if method_class(method).decoder_prompt_pass and s.model_type not in BERT_LIKE:  # the prompt's own pass, with grad
         saved += s.layers * _saved_per_layer(s, tasks_in_batch, p, 0, act_bytes, True)
     n = b * t
     # the loss: logits, their fp32 copy, log-softmax and two gradients of n x vocab (measured 3.5x fp32 logits)
@@ -214,18 +127,18 @@ def predict(s: Shape, weights, method, start, ckpt, b, t, p, float_bytes=2, act_
     return int(sum(parts.values())), parts
 
 
-def _cost(s: Shape, method, start, ckpt, t, p) -> float:
+def _cost(s: ModelShape, method, start, ckpt, t, p) -> float:
     """Matmul FLOPs of a step relative units: forward per layer-token 1, backward 1, recompute 1."""
-    t_up = t + p if method == "lpt" else t
+    t_up = t + p if method_class(method).grows_sequence else t
     fwd = start * t + (s.layers - start) * t_up
     bwd = (s.layers - start) * t_up
     rec = (s.layers - start) * t_up if ckpt else 0
-    extra = s.layers * p * 2 if method == "prompt" and s.model_type not in BERT_LIKE else 0
+    extra = s.layers * p * 2 if method_class(method).decoder_prompt_pass and s.model_type not in BERT_LIKE else 0
     return fwd + bwd + rec + extra
 
 
 def plan(model_or_config, device_memory="24GiB", batch_size: int = 8, seq_len: int = 512, num_tokens: int = 32,
-         weights=WEIGHTS, methods=METHODS, start_layers=None, checkpointing=(False, True), print_table: bool = True,
+         weights=WEIGHTS, methods=None, start_layers=None, checkpointing=(False, True), print_table: bool = True,
          act_bytes: int = 2, float_bytes: int = 2, overhead="512MiB") -> list[PlanRow]:
     """Predicted peak memory of a training step for each configuration; prints a table.
 
@@ -244,9 +157,10 @@ def plan(model_or_config, device_memory="24GiB", batch_size: int = 8, seq_len: i
     for w in weights:
         if w not in WEIGHTS:
             raise ValueError(f"weights must be among {WEIGHTS}, got {w!r}")
+    methods = method_names() if methods is None else methods
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"methods must be among {METHODS}, got {m!r}")
+        if m not in method_names():
+            raise ValueError(f"methods must be among {method_names()}, got {m!r}")
     starts = sorted(set(start_layers if start_layers is not None else (0, s.layers // 2, 3 * s.layers // 4)))
     if any(not 0 <= L < s.layers for L in starts):
         raise ValueError(f"start_layers must lie in [0, {s.layers}), got {starts}")
@@ -254,7 +168,7 @@ def plan(model_or_config, device_memory="24GiB", batch_size: int = 8, seq_len: i
     rows = []
     for w in weights:
         for m in methods:
-            for L in starts if m != "prompt" else [0]:
+            for L in starts if not method_class(m).input_layer_only else [0]:
                 for ck in checkpointing:
                     peak, parts = predict(s, w, m, L, ck, batch_size, seq_len, num_tokens, float_bytes, act_bytes, overhead=overhead)
                     rows.append(PlanRow(w, m, L, ck, peak, parts, _cost(s, m, L, ck, seq_len, num_tokens) / base, peak <= budget))
@@ -267,7 +181,7 @@ def _gib(x) -> str:
     return f"{x / 2**30:.2f}"
 
 
-def format_table(rows, s: Shape, budget, b, t, p) -> str:
+def format_table(rows, s: ModelShape, budget, b, t, p) -> str:
     params = s.quantisable + s.other
     lines = [
         f"{s.model_type}: {params / 1e9:.2f} B parameters, {s.layers} layers, hidden {s.hidden}; batch {b} x {t} tokens, "

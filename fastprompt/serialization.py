@@ -1,4 +1,5 @@
-"""save_prompts / load_prompts: `prompts.safetensors` + `fastprompt.json`, written atomically.
+"""save_prompts / load_prompts / read_prompt_config: `prompts.safetensors` + `fastprompt.json`,
+written atomically, of a whole bank or one task of it.
 
 Only safetensors and JSON are ever read (no pickle, nothing executed from a file). A load checks
 the JSON, the model fingerprint, the tensor file's checksum, names, shapes and dtypes before it
@@ -18,15 +19,12 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .api import patch, patched_runtime, prompt_parameters, unwrap
+from .api import patch, prompt_parameters
 from .banks import copy_into_task, single_task_config, task_tensors
 from .config import PromptConfig
-from .integration.architectures import fingerprint
-from .integration.heads import head_shapes
-from .integration.patching import prompt_shapes
-from .integration.runtime import runtime_of
+from .integration.facade import head_shapes, model_inside, patched_runtime, prompt_shapes, runtime_of, shape_of, unwrap
 from .storage import PromptLoadError, atomic_write, read_json_object
+from .version import __version__
 
 TENSORS_FILE = "prompts.safetensors"
 CONFIG_FILE = "fastprompt.json"
@@ -108,7 +106,7 @@ def save_prompts(model: nn.Module, path: str | os.PathLike, *, task: int | None 
         "start_layer": cfg.start_layer,
         "dtype": str(next(runtime.prompts.parameters()).dtype).removeprefix("torch."),
         "config": cfg.to_dict(),
-        "fingerprint": runtime.fingerprint,
+        "fingerprint": runtime.shape.fingerprint(),
         "heads": list(runtime.head_names),
         "reparam_weights": bool(cfg.reparam and reparam_weights),
         # the JSON is written last and names the tensors it belongs to: a save cut between the two
@@ -157,8 +155,9 @@ def load_prompts(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
     """
     if not isinstance(trainable, bool):
         raise ValueError(f"trainable must be True or False, got {trainable!r}")
+    given, model = model, model_inside(model)  # through DistributedDataParallel-style wrappers, as save_prompts
     config, meta = read_prompt_config(path)
-    diffs = _differences(meta["fingerprint"], fingerprint(model))
+    diffs = _differences(meta["fingerprint"], shape_of(model).fingerprint())
     if diffs:
         raise PromptLoadError(f"{path}: prompts were saved for another model: " + "; ".join(diffs))
     runtime = runtime_of(model)
@@ -231,4 +230,4 @@ def load_prompts(model: nn.Module, path: str | os.PathLike, *, trainable: bool =
                     p.copy_(tensors[f"head.{name}.{k}"])
     for p in prompt_parameters(model):  # the prompt's, then the trained heads'
         p.requires_grad_(trainable)
-    return model
+    return given

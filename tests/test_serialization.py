@@ -187,3 +187,16 @@ def test_only_safetensors_and_json_are_read(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", no_pickle)
     monkeypatch.setattr(pickle, "loads", no_pickle)
     fastprompt.load_prompts(tiny_model("bert", kind="seqcls"), tmp_path)
+
+
+def test_load_through_a_module_wrapper_as_save_does(tmp_path):
+    """load_prompts, like save_prompts and prompt_parameters, reaches the model inside a `.module`
+    wrapper (DataParallel here; DistributedDataParallel keeps it the same way): into an unpatched
+    model and into one already patched, with the outputs of the model that was saved."""
+    model = _trained("bert", num_tokens=4)
+    expected = _logits(model, "bert")
+    fastprompt.save_prompts(torch.nn.DataParallel(model), tmp_path / "p")
+    for fresh in (tiny_model("bert", kind="seqcls"), fastprompt.patch(tiny_model("bert", kind="seqcls"), num_tokens=4)):
+        wrapper = torch.nn.DataParallel(fresh)
+        assert fastprompt.load_prompts(wrapper, tmp_path / "p") is wrapper
+        torch.testing.assert_close(_logits(fresh, "bert"), expected)

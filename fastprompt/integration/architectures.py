@@ -1,4 +1,5 @@
-"""What fastprompt knows about each supported transformers architecture.
+"""What fastprompt knows about each supported transformers architecture: a spec per model_type
+(ArchSpec) naming its layer stacks (Stack), the SUPPORTED list, and the refusal of the rest.
 
 Each spec says where the layer stacks and their self-attention modules live, whether the
 stacks are bidirectional, and how input-prompt tokens get positions. Anything not listed
@@ -124,19 +125,3 @@ def spec_for(model: nn.Module) -> ArchSpec:
         )
     return SPECS[model_type]
 
-
-def fingerprint(model: nn.Module) -> dict:
-    """Shape facts a saved prompt depends on: architecture, layers, heads, kv heads, head dim, hidden size."""
-    c = model.config
-    heads = c.num_attention_heads
-    hidden = c.hidden_size
-    head_dim = getattr(c, "head_dim", None) or getattr(c, "d_kv", None) or hidden // heads
-    stacks = spec_for(model).stacks(model)
-    return {
-        "architecture": c.model_type,
-        "layers": [len(s.layers) for s in stacks],
-        "heads": heads,
-        "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
-        "head_dim": head_dim,
-        "hidden_size": hidden,
-    }

@@ -1,4 +1,5 @@
-"""The attention function fastprompt registers with transformers' AttentionInterface.
+"""The attention and mask functions fastprompt registers with transformers (AttentionInterface,
+AttentionMaskInterface), the per-module Binding they read, and widening a mask for inserted tokens.
 
 Patched self-attention modules carry a `Binding` in their `__dict__` (not a submodule, so
 state_dict and module trees are untouched). The function asks the binding's runtime for the
@@ -8,6 +9,7 @@ layers below `start_layer`) take transformers' own SDPA path unchanged.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -72,11 +74,18 @@ def extend_mask_for_inserted(mask: torch.Tensor, n: int, causal: bool, q_len: in
     return torch.cat([inserted_rows, real_rows], dim=-2)
 
 
-# dense masks built from a plain causal or bidirectional pattern plus padding -> their (B, Sk)
-# key-padding mask, so the op gets key padding + causal (variable-length kernels) instead of a
-# (B, 1, S, Sk) mask. Keyed by the mask object itself: a model that edits the mask (T5 adds it to
-# its position bias) hands the attention a new tensor and keeps the dense path.
-_PADDING: list[tuple[weakref.ref, torch.Tensor]] = []
+class _MaskPadding(threading.local):
+    """Dense masks built from a plain causal or bidirectional pattern plus padding -> their (B, Sk)
+    key-padding mask, so the op gets key padding + causal (variable-length kernels) instead of a
+    (B, 1, S, Sk) mask. Keyed by the mask object itself: a model that edits the mask (T5 adds it to
+    its position bias) hands the attention a new tensor and keeps the dense path. Per thread: the
+    masks of one forward, never another thread's (transformers builds them in the forward's thread)."""
+
+    def __init__(self):
+        self.entries: list[tuple[weakref.ref, torch.Tensor]] = []
+
+
+_PADDING = _MaskPadding()
 _PADDING_SLOTS = 8  # masks alive at once in one forward (causal + sliding, encoder + decoder, ...)
 
 
@@ -96,8 +105,8 @@ def fastprompt_mask(
     if dense is not None and aligned and attention_mask is not None and attention_mask.dim() == 2:
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if padding is not None and padding.shape == (batch_size, kv_length):
-            _PADDING[:] = [e for e in _PADDING if e[0]() is not None][-(_PADDING_SLOTS - 1) :]
-            _PADDING.append((weakref.ref(dense), padding.bool()))
+            live = [e for e in _PADDING.entries if e[0]() is not None][-(_PADDING_SLOTS - 1) :]
+            _PADDING.entries = [*live, (weakref.ref(dense), padding.bool())]
     return dense
 
 
@@ -105,7 +114,7 @@ def key_padding_of(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The (B, Sk) key padding behind a dense mask `fastprompt_mask` built, else None."""
     if mask is None:
         return None
-    for ref, padding in _PADDING:
+    for ref, padding in _PADDING.entries:
         if ref() is mask:
             return padding
     return None

@@ -82,8 +82,8 @@ def wrap_entry_points(model, runtime) -> None:
                 if prompt_ids is not None or example_ids is not None:
                     raise RuntimeError("this model is not patched by fastprompt any more: prompt_ids and example_ids need fastprompt.patch")
                 return call(*args, **kwargs)
-            if prompt_ids is None and runtime.prompt_ids is not None:
-                ids = runtime.prompt_ids  # called inside generate(): the ids it was given
+            if prompt_ids is None and runtime.forward.prompt_ids is not None:
+                ids = runtime.forward.prompt_ids  # called inside generate(): the ids it was given
             else:
                 ids = runtime.check_prompt_ids(prompt_ids, _batch_size(args, kwargs))
             if runtime.config.heads and is_forward:
@@ -94,21 +94,21 @@ def wrap_entry_points(model, runtime) -> None:
                 kwargs["prompt_ids"] = ids  # generate() expands it with the batch (beams, samples)
             if example_ids is not None:
                 example_ids = runtime.check_example_ids(example_ids, _batch_size(args, kwargs))
-            previous = runtime.prompt_ids, runtime.example_ids, runtime.source_len
-            runtime.prompt_ids, runtime.example_ids = ids, example_ids
-            if not is_forward and runtime.source_len is None:
+            previous = runtime.forward.prompt_ids, runtime.forward.example_ids, runtime.forward.source_len
+            runtime.forward.prompt_ids, runtime.forward.example_ids = ids, example_ids
+            if not is_forward and runtime.forward.source_len is None:
                 # a late prompt is generated from the input given to generate(), so every new token sees
                 # the same prompt whether generate() runs with a KV cache or recomputes the whole sequence
-                runtime.source_len = _input_length(args, kwargs)
-            elif is_forward and runtime.source_len is None and late_lm:
+                runtime.forward.source_len = _input_length(args, kwargs)
+            elif is_forward and runtime.forward.source_len is None and late_lm:
                 # training a causal LM: the late prompt comes from the tokens before the first target,
                 # as at generation; read from the whole sequence it would hand every position the answer
-                runtime.source_len = source_lengths(kwargs.get("labels"))
+                runtime.forward.source_len = source_lengths(kwargs.get("labels"))
             try:
                 return call(*args, **kwargs)
             finally:
-                runtime.prompt_ids, runtime.example_ids, runtime.source_len = previous
-                runtime.skip_lower = False
+                runtime.forward.prompt_ids, runtime.forward.example_ids, runtime.forward.source_len = previous
+                runtime.forward.skip_lower = False
 
         wrapper.__signature__ = sig.replace(parameters=params)
         wrapper.__doc__ = original.__doc__
@@ -118,8 +118,4 @@ def wrap_entry_points(model, runtime) -> None:
     for name in ("forward", "generate"):
         if not hasattr(model, name):
             continue
-        runtime.model_attrs.append((name, model.__dict__.get(name, MISSING)))
-        model.__dict__[name] = with_prompt_ids(getattr(model, name), name == "forward")
-
-
-MISSING = object()  # model.__dict__ had no such attribute before patching
+        runtime.undo.set_model_attribute(model, name, with_prompt_ids(getattr(model, name), name == "forward"))

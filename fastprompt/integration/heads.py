@@ -1,5 +1,6 @@
-"""Task heads: which modules are the trained head (classifier, score, qa_outputs, or head=NAME), their
-shapes for loading, and the per-task head bank that replaces a linear head (config.heads)."""
+"""Task heads: the one list of head module names (HEAD_NAMES, and QUANTISATION_SKIP for loaders), which
+modules are the trained head (one of those, or head=NAME), their shapes for loading, and installing
+the per-task head bank that replaces a linear head (config.heads; TaskHeads in prompts.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch.nn as nn
 
 from .prompts import TaskHeads
 
-HEAD_NAMES = ("classifier", "score", "qa_outputs")
+HEAD_NAMES = ("classifier", "score", "qa_outputs")  # a transformers model's task head, by task
+# kept in float when a backbone is quantised: the heads, and BERT's pooler that feeds its classifier
+QUANTISATION_SKIP = ("classifier", "pooler", "score", "qa_outputs")
 
 
 def head_modules(model, config) -> list[tuple[str, nn.Module]]:
@@ -32,9 +35,8 @@ def install_task_heads(model, runtime, heads) -> None:
         )
     if not linear.weight.is_floating_point():
         raise ValueError(f"the task head {name} is quantised ({linear.weight.dtype}); keep heads out of quantisation")
-    bank = TaskHeads(linear, counts, runtime)
-    runtime.replaced_heads.append((name, linear))
-    model._modules[name] = bank
+    model._modules[name] = TaskHeads(linear, counts, runtime)
+    runtime.undo.push(lambda model: model._modules.__setitem__(name, linear))
 
 
 def head_shapes(model: nn.Module, config) -> dict[str, tuple[int, ...]]:

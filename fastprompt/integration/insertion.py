@@ -55,13 +55,12 @@ def install_insertion(
     n: int,
     make_tokens: Callable[..., torch.Tensor],
     rotary: nn.Module | None,
-    bind: Callable,
 ) -> None:
     """Inserts make_tokens(runtime, hidden (B,T,H), real (B,T), source (B,)) -> (B, n, H) ahead of
     stack.layers[start]. The hooks get the runtime as an argument (they hold it weakly)."""
     causal = stack.causal
     for attn in stack.self_attention[start:]:
-        bind(runtime, attn, None, inserted=n, causal=causal)
+        runtime.bind(attn, None, inserted=n, causal=causal)
     layer_idx = getattr(stack.self_attention[start], "layer_idx", None)
     layer_idx = start if layer_idx is None else layer_idx
 
@@ -69,9 +68,9 @@ def install_insertion(
         if _cache_filled(args, kwargs, layer_idx):
             return None
         hs = _hidden(args, kwargs)
-        real = real_tokens(runtime.mask2d, hs)
+        real = real_tokens(runtime.forward.mask2d, hs)
         positions = torch.arange(hs.shape[1], device=hs.device)
-        limit = runtime.source_len
+        limit = runtime.forward.source_len
         if causal and limit is not None:
             # inside generate(): only the input given to generate() makes the prompt, not the tokens
             # generated since (a generate() without KV cache recomputes them all each step); in a
@@ -82,7 +81,7 @@ def install_insertion(
         # decoders read the last real token (it has seen the whole input), encoders the first ([CLS])
         source = (positions * real).argmax(-1) if causal else real.long().argmax(-1)
         tokens = make_tokens(runtime, hs, real, source)
-        runtime.inserted_in_flight += 1
+        runtime.forward.inserted_in_flight += 1
         return _with_hidden(args, kwargs, torch.cat([tokens.to(hs.dtype), hs], dim=1))
 
     def extend_rotary(module, args, kwargs):
@@ -98,16 +97,16 @@ def install_insertion(
         return args, {**kwargs, "position_embeddings": (cos, sin)}
 
     def strip(runtime, module, args, kwargs, output):
-        if runtime.inserted_in_flight == 0:
+        if runtime.forward.inserted_in_flight == 0:
             return None
-        runtime.inserted_in_flight -= 1
+        runtime.forward.inserted_in_flight -= 1
         if isinstance(output, torch.Tensor):
             return output[:, n:]
         return (output[0][:, n:], *output[1:])
 
-    runtime.handles.append(stack.layers[start].register_forward_pre_hook(weak_hook(runtime, insert), with_kwargs=True))
+    runtime.undo.hook(stack.layers[start].register_forward_pre_hook(weak_hook(runtime, insert), with_kwargs=True))
     if rotary is not None:
         # registered after `insert`, so the first prompted layer sees the longer hidden states
         for layer in stack.layers[start:]:
-            runtime.handles.append(layer.register_forward_pre_hook(extend_rotary, with_kwargs=True))
-    runtime.handles.append(stack.layers[-1].register_forward_hook(weak_hook(runtime, strip), with_kwargs=True))
+            runtime.undo.hook(layer.register_forward_pre_hook(extend_rotary, with_kwargs=True))
+    runtime.undo.hook(stack.layers[-1].register_forward_hook(weak_hook(runtime, strip), with_kwargs=True))

@@ -99,17 +99,17 @@ def install_lower_cache(runtime, stack, start: int, cache: LowerLayerCache) -> N
     from .insertion import real_tokens
 
     def decide(runtime, module, args, kwargs):
-        ids = runtime.example_ids
-        runtime.skip_lower = ids is not None and cache.has_all(ids)
+        ids = runtime.forward.example_ids
+        runtime.forward.skip_lower = ids is not None and cache.has_all(ids)
         return None
 
     def at_start(runtime, module, args, kwargs):
-        ids = runtime.example_ids
+        ids = runtime.forward.example_ids
         if ids is None:
             return None
         hs = args[0] if args else kwargs["hidden_states"]
-        real = real_tokens(runtime.mask2d, hs)  # the padding mask patching captures for the stack
-        if runtime.skip_lower:
+        real = real_tokens(runtime.forward.mask2d, hs)  # the padding mask patching captures for the stack
+        if runtime.forward.skip_lower:
             hs = cache.get(ids, real, hs)
             if args:
                 return (hs, *args[1:]), kwargs
@@ -117,6 +117,6 @@ def install_lower_cache(runtime, stack, start: int, cache: LowerLayerCache) -> N
         cache.put(ids, hs, real)
         return None
 
-    runtime.handles.append(stack.owner.register_forward_pre_hook(weak_hook(runtime, decide), with_kwargs=True))
+    runtime.undo.hook(stack.owner.register_forward_pre_hook(weak_hook(runtime, decide), with_kwargs=True))
     # before any other pre-hook of that layer (Late Prompt insertion reads the restored states)
-    runtime.handles.append(stack.layers[start].register_forward_pre_hook(weak_hook(runtime, at_start), with_kwargs=True, prepend=True))
+    runtime.undo.hook(stack.layers[start].register_forward_pre_hook(weak_hook(runtime, at_start), with_kwargs=True, prepend=True))

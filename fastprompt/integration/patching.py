@@ -1,12 +1,13 @@
 """Installing prompts into a transformers model and removing them again.
 
 Everything enters through the registered attention function (never `past_key_values`); what each
-method adds is its class's business (methods.py). Around it, every method gets the same: the
+method adds is its class's business (methods/). Around it, every method gets the same: the
 padding mask captured for the hooks, layers below the first prompt run without autograd and the
 others checkpointed on request (truncation.py), PEFT's position shift (positions.py),
 bitsandbytes fix-ups on CPU (quantized.py), trained heads (heads.py), entry points that take
 prompt_ids (entry_points.py), and a probe forward that proves attention reached the function
-(probe.py). All of it reaches the model and the runtime weakly (back_references.py): a patched model
+(probe.py). Each change is recorded as it is made in the runtime's undo log (undo_log.py), which
+`uninstall` replays in reverse, also when a patch fails midway. All of it reaches the model and the runtime weakly (back_references.py): a patched model
 is freed as soon as it is dropped, as an unpatched one is.
 """
 
@@ -17,23 +18,24 @@ import weakref
 import torch.nn as nn
 
 from . import attention
-from .architectures import fingerprint, spec_for
-from .entry_points import MISSING, wrap_entry_points
-from .heads import head_modules, install_task_heads
+from .architectures import spec_for
+from .entry_points import wrap_entry_points
+from .heads import QUANTISATION_SKIP, head_modules, install_task_heads
 from .methods import method_class
+from .model_shape import shape_of
 from .positions import position_shift_hooks
 from .probe import probe
-from .quantized import install_quantized_fixes, remove_quantized_fixes
-from .runtime import PROMPT_MODULE, PromptRuntime, capture_mask, runtime_of
+from .quantized import install_quantized_fixes
+from .runtime import PROMPT_MODULE, RUNTIME_ATTRIBUTE, PromptRuntime, capture_mask, runtime_of
 from .text_init import init_text_ids
-from .truncation import install_truncation, remove_truncation
+from .truncation import install_truncation
 
 __all__ = ["install", "uninstall", "prompt_shapes", "runtime_of"]
 
 
 def prompt_shapes(model: nn.Module, config) -> dict[str, tuple[int, ...]]:
     """The state_dict shapes of the prompt module `install` would build, without building it."""
-    return method_class(config).shapes(config, spec_for(model).stacks(model), fingerprint(model))
+    return method_class(config.method).shapes(config, shape_of(model))
 
 
 def install(model: nn.Module, config, tokenizer=None) -> PromptRuntime:
@@ -41,18 +43,17 @@ def install(model: nn.Module, config, tokenizer=None) -> PromptRuntime:
     tokenizer: tokenizes config.init_text (default: the model's own, loaded from its name_or_path)."""
     spec = spec_for(model)
     stacks = spec.stacks(model)
-    fp = fingerprint(model)
+    shape = shape_of(model)
     n_layers = min(len(s.layers) for s in stacks)
     if not 0 <= config.start_layer < n_layers:
         raise ValueError(f"start_layer must be in [0, {n_layers}) for this model, got {config.start_layer}")
     config, init_ids = init_text_ids(model, config, tokenizer)
-    method = method_class(config)(model, config, stacks, fp, spec.absolute_positions, init_ids)
+    method = method_class(config.method)(model, config, stacks, shape, spec.absolute_positions, init_ids)
     prompts = method.build()
     prompts.to(next(model.parameters()).device)
-    runtime = PromptRuntime(model, config, stacks, prompts, method)
-    runtime.fingerprint = fp
     heads = head_modules(model, config) if config.train_head else []
-    runtime.head_names = [n for n, _ in heads]
+    runtime = PromptRuntime(config, stacks, prompts, method, shape, [n for n, _ in heads])
+    undo = runtime.undo
     first = stacks[0]
     try:
         capture_mask(runtime, first)
@@ -62,18 +63,19 @@ def install(model: nn.Module, config, tokenizer=None) -> PromptRuntime:
         L = config.start_layer
         with_grad = first.layers[L:] + [l for s in stacks[1:] for l in s.layers]
         bypass, skip, snapshot, restore = _forward_state(runtime)
-        install_truncation(
-            first.layers[:L], with_grad, runtime.wrapped_forwards, config.checkpointing,
-            bypass=bypass, snapshot=snapshot, restore=restore, skip=skip,
-        )
+        install_truncation(first.layers[:L], with_grad, undo, config.checkpointing, bypass=bypass, snapshot=snapshot,
+                           restore=restore, skip=skip)
         if config.peft_positions:
-            runtime.handles += position_shift_hooks(model, stacks, config.num_tokens, bypass)
+            for handle in position_shift_hooks(model, stacks, config.num_tokens, bypass):
+                undo.hook(handle)
         install_quantized_fixes(model, runtime)
 
-        runtime.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        undo.push(lambda model: _restore_requires_grad(model, flags))
         for p in model.parameters():
             p.requires_grad_(False)
         model.add_module(PROMPT_MODULE, prompts)
+        undo.push(lambda model: model._modules.pop(PROMPT_MODULE, None))
         for p in prompts.parameters():
             p.requires_grad_(True)
         for _, head in heads:
@@ -81,20 +83,33 @@ def install(model: nn.Module, config, tokenizer=None) -> PromptRuntime:
                 if not p.is_floating_point():
                     raise ValueError(
                         f"the task head has non-float parameters ({p.dtype}): keep heads out of quantisation, e.g. "
-                        "BitsAndBytesConfig(..., llm_int8_skip_modules=[\"classifier\", \"pooler\", \"score\"]), or pass train_head=False"
+                        f"BitsAndBytesConfig(..., llm_int8_skip_modules={list(QUANTISATION_SKIP)}), or pass train_head=False"
                     )
                 p.requires_grad_(True)
         if config.heads:
             install_task_heads(model, runtime, heads)
         wrap_entry_points(model, runtime)
-        model.__dict__["_fastprompt_runtime"] = runtime
+        undo.set_model_attribute(model, RUNTIME_ATTRIBUTE, runtime)
         attention.register()
+        previous = model.config._attn_implementation
+        undo.push(lambda model: _restore_attention(model, previous))
         model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         probe(model, runtime)
     except Exception:
         uninstall(model, runtime)
         raise
     return runtime
+
+
+def _restore_attention(model: nn.Module, implementation: str) -> None:
+    if model.config._attn_implementation != implementation:
+        model.set_attn_implementation(implementation)
+
+
+def _restore_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
 
 
 def _forward_state(runtime: PromptRuntime):
@@ -106,51 +121,25 @@ def _forward_state(runtime: PromptRuntime):
 
     def bypass():
         rt = ref()
-        return rt is not None and rt.computing
+        return rt is not None and rt.forward.computing
 
     def skip():
         rt = ref()
-        return rt is not None and rt.skip_lower
+        return rt is not None and rt.forward.skip_lower
 
     def snapshot():
         rt = ref()
-        return None if rt is None else (rt, rt.snapshot())
+        return None if rt is None else (rt, rt.forward.snapshot())
 
     def restore(state):
         if state is None:
             return None
         rt, snap = state
-        return rt, rt.restore(snap)
+        return rt, rt.forward.restore(snap)
 
     return bypass, skip, snapshot, restore
 
 
 def uninstall(model: nn.Module, runtime: PromptRuntime) -> None:
-    """Removes everything `install` added and restores attention and requires_grad flags."""
-    if runtime.lower_cache is not None:
-        runtime.lower_cache.close()
-    for name, previous in reversed(runtime.model_attrs):
-        if previous is MISSING:
-            model.__dict__.pop(name, None)
-        else:
-            model.__dict__[name] = previous
-    runtime.model_attrs.clear()
-    for name, original in reversed(runtime.replaced_heads):
-        model._modules[name] = original
-    runtime.replaced_heads.clear()
-    for h in runtime.handles:
-        h.remove()
-    runtime.handles.clear()
-    remove_truncation(runtime.wrapped_forwards)
-    remove_quantized_fixes(runtime)
-    for m in runtime.bound:
-        m.__dict__.pop("_fastprompt", None)
-    runtime.bound.clear()
-    if PROMPT_MODULE in model._modules:
-        del model._modules[PROMPT_MODULE]
-    for n, p in model.named_parameters():
-        if n in runtime.requires_grad:
-            p.requires_grad_(runtime.requires_grad[n])
-    if model.config._attn_implementation != runtime.attn_implementation:
-        model.set_attn_implementation(runtime.attn_implementation)
-    model.__dict__.pop("_fastprompt_runtime", None)
+    """Removes everything `install` added, replaying the runtime's undo log (last change first)."""
+    runtime.undo.replay(model)

@@ -1,4 +1,7 @@
-"""The trainable prompt modules: deep key/value prefixes (P-Tuning v2) and input soft prompts."""
+"""The modules a patch adds: deep key/value prefixes (DeepPrefix, P-Tuning v2, optionally
+reparameterised), input soft prompts (SoftPrompt), late prompt generators and their per-task bank
+(LatePromptGenerator, LatePromptBank), the per-task head bank (TaskHeads), and FoldCache, which
+keeps values derived from parameters while no gradient is recorded."""
 
 from __future__ import annotations
 
@@ -191,6 +194,17 @@ class TaskHeads(nn.Module):
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone()[None].repeat(t, 1))
         self.register_buffer("labels", torch.tensor(labels, dtype=torch.long, device=base.weight.device), persistent=False)
         self.__dict__["_runtime"] = weakref.ref(runtime)  # not a submodule; weak: see back_references.py
+        self.__dict__["_base"] = base  # the replaced head (not a submodule): a new task starts from it
+
+    def grow(self, num_labels: int) -> None:
+        """Adds a task with `num_labels` labels, starting from the replaced head's weights."""
+        for key in self.task_dim_keys:
+            old = getattr(self, key)
+            if old is None:
+                continue
+            row = getattr(self._base, key).detach()[None].to(old)
+            setattr(self, key, nn.Parameter(torch.cat([old.detach(), row]), requires_grad=True))
+        self.labels = torch.cat([self.labels, self.labels.new_tensor([num_labels])])
 
     @property
     def num_tasks(self) -> int:
@@ -198,7 +212,7 @@ class TaskHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runtime = self._runtime()
-        ids = None if runtime is None else runtime.prompt_ids
+        ids = None if runtime is None else runtime.forward.prompt_ids
         if ids is None:
             ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         ids = ids.to(x.device)

@@ -64,31 +64,17 @@ def _int8_forward(module, original):
 
 
 def install_quantized_fixes(model: nn.Module, runtime) -> None:
-    """Applies both fix-ups to every bitsandbytes layer of `model`; `remove_quantized_fixes` undoes them."""
+    """Applies both fix-ups to every bitsandbytes layer of `model`, each undone by unpatch (runtime.undo)."""
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:  # a model with bitsandbytes layers has imported it; importing it here costs ~50 MB of RSS
         return
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear8bitLt):
-            runtime.bnb_forwards.append((m, m.__dict__.get("forward")))
-            m.forward = _int8_forward(m, m.forward)
+            runtime.undo.set_attribute(m, "forward", _int8_forward(m, m.forward))
         if hasattr(m, "support_avx512bf16_for_cpu"):
-            runtime.bnb_cpu_packing.append((m, m.support_avx512bf16_for_cpu))
-            m.support_avx512bf16_for_cpu = False
+            runtime.undo.set_attribute(m, "support_avx512bf16_for_cpu", False)
             state = getattr(m.weight, "quant_state", None)
             if state is not None and getattr(state, "packing_format_for_cpu", False):
                 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
                 m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, state)
-
-
-def remove_quantized_fixes(runtime) -> None:
-    for m, previous in reversed(runtime.bnb_forwards):
-        if previous is None:
-            m.__dict__.pop("forward", None)
-        else:
-            m.forward = previous
-    runtime.bnb_forwards.clear()
-    for m, flag in runtime.bnb_cpu_packing:
-        m.support_avx512bf16_for_cpu = flag
-    runtime.bnb_cpu_packing.clear()

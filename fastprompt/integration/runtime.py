@@ -1,8 +1,11 @@
-"""The per-model state of a patched model: the prompt module, the method, and the values that live
-for one forward pass (per thread), which the attention function and the hooks read."""
+"""PromptRuntime, the state a patched model carries: its prompt module and method, the layer stacks,
+the undo log of everything `patch` changed, the per-forward values (ForwardState, one per thread)
+the attention function and the hooks read, and the checks on a forward's prompt_ids / example_ids.
+Also `capture_mask` (the hook every method gets) and `runtime_of`."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
@@ -11,12 +14,14 @@ import torch.nn as nn
 from . import attention
 from .architectures import Stack
 from .back_references import weak_hook
-from .prompts import FoldCache
+from .model_shape import ModelShape
+from .undo_log import UndoLog
 
 PROMPT_MODULE = "fastprompt"  # the prompt module's name on the patched model
+RUNTIME_ATTRIBUTE = "_fastprompt_runtime"  # where the model keeps its runtime (an instance attribute)
 
 
-class _ForwardState(threading.local):
+class ForwardState(threading.local):
     """Values that live for one forward pass, per thread: concurrent forwards of one patched
     model from several threads (different prompt_ids) do not see each other's."""
 
@@ -30,71 +35,65 @@ class _ForwardState(threading.local):
     source_len = None  # decoders: the input's length inside generate(), or (B,) tokens before each row's first target in
     # a training forward with token labels; late prompts read only those tokens
 
-
-def _state_property(name):
-    return property(lambda self: getattr(self._state, name), lambda self, v: setattr(self._state, name, v))
-
-
-class PromptRuntime:
-    """Per-model state the attention function reads: the prompt module and per-forward values."""
-
-    computing = _state_property("computing")
-    prompt_kv = _state_property("prompt_kv")
-    inserted_in_flight = _state_property("inserted_in_flight")
-    mask2d = _state_property("mask2d")
-    prompt_ids = _state_property("prompt_ids")
-    example_ids = _state_property("example_ids")
-    skip_lower = _state_property("skip_lower")
-    source_len = _state_property("source_len")
-
-    def __init__(self, model, config, stacks: list[Stack], prompts: nn.Module, method):
-        self.config = config
-        self.stacks = stacks
-        self.prompts = prompts
-        self.method = method  # the methods.Method that built prompts
-        self.mode = method.mode  # how attention reads the prompt: "prefix" | "prompt_kv" | "insert"
-        self._state = _ForwardState()
-        self.handles: list = []
-        self.wrapped_forwards: list = []
-        self.bnb_cpu_packing: list = []
-        self.bnb_forwards: list = []
-        self.bound: list[nn.Module] = []
-        self.requires_grad: dict[str, bool] = {}
-        self.attn_implementation = model.config._attn_implementation
-        self.head_names: list[str] = []
-        self.replaced_heads: list[tuple[str, nn.Module]] = []
-        self.model_attrs: list[tuple[str, object]] = []
-        self._kv_cache = FoldCache()
-        self.lower_cache = None
-
     def snapshot(self):
         """What a checkpointed layer's recompute in backward must see again (maybe in another thread)."""
         return (self.prompt_ids, self.prompt_kv)
 
     def restore(self, snap):
+        """Puts a snapshot back; returns the values it replaced."""
         old = self.snapshot()
         self.prompt_ids, self.prompt_kv = snap
         return old
 
+
+class PromptRuntime:
+    """What a patched model carries (as an instance attribute, `runtime_of(model)`).
+
+    config: the PromptConfig; stacks: the model's layer stacks; prompts: the prompt module (also
+    the model's `fastprompt` submodule); method: the methods.Method that built it; shape: the
+    model's ModelShape; head_names: the trained head modules; forward: the per-forward
+    ForwardState; undo: the UndoLog unpatch replays; bound: the attention modules given a Binding;
+    lower_cache: the LowerLayerCache once `cache_lower_layers` attached one.
+    """
+
+    def __init__(self, config, stacks: list[Stack], prompts: nn.Module, method, shape: ModelShape, head_names):
+        self.config = config
+        self.stacks = stacks
+        self.prompts = prompts
+        self.method = method
+        self.shape = shape
+        self.head_names = tuple(head_names)
+        self.forward = ForwardState()
+        self.undo = UndoLog()
+        self.bound: list[nn.Module] = []
+        self.lower_cache = None
+
+    def bind(self, module: nn.Module, slot: int | None, inserted: int = 0, causal: bool = False) -> None:
+        """Gives an attention module its Binding: a plain attribute, not a submodule, so the model's
+        state_dict and module tree stay as they were."""
+        if not self.bound:
+            bound = self.bound  # the list, not the runtime: steps hold neither model nor runtime
+            self.undo.push(lambda model: bound.clear())
+        self.undo.set_attribute(module, "_fastprompt", attention.Binding(self, slot, inserted, causal))
+        self.bound.append(module)
+
+    def attach_lower_cache(self, cache) -> None:
+        """The lower-layer cache `cache_lower_layers` installed; closed on unpatch."""
+        self.lower_cache = cache
+        self.undo.push(lambda model: cache.close())
+
+    def task_added(self, name: str | None = None, num_labels: int | None = None) -> None:
+        """The bank grew by one task (banks.add_task grew its tensors): num_tasks + 1, and with
+        per-task heads the new task's name and label count."""
+        heads = self.config.heads and (*self.config.heads, (name, num_labels))
+        self.config = dataclasses.replace(self.config, num_tasks=self.config.num_tasks + 1, heads=heads)
+
     def prefix(self, slot, dtype, device):
         """(K, V, ids) for a slot: K, V (Hkv, P, D) with ids None, or banks (T, Hkv, P, D) with
         ids (B,) choosing one per example; None when this call adds no prefix."""
-        if slot is None or self.computing:
+        if slot is None or self.forward.computing:
             return None
-        if self.mode == "prefix":
-            k, v = self.prompts.slot(slot, dtype, device)
-            ids = self.prompt_ids
-        elif self.mode == "prompt_kv" and self.prompt_kv is not None:
-            kv, ids = self.prompt_kv
-            k, v = kv[slot]
-            k, v = k.to(dtype), v.to(dtype)
-        else:
-            return None
-        if k.shape[0] == 1:
-            return k[0], v[0], None
-        if ids is None:
-            raise ValueError(f"this model holds {self.config.num_tasks} prompts (num_tasks): pass prompt_ids=LongTensor[batch] to its forward")
-        return k, v, ids.to(device)
+        return self.method.prefix(self, slot, dtype, device)
 
     def check_example_ids(self, example_ids, batch: int | None):
         """example_ids: (B,) integer dataset indices, used by the lower-layer cache."""
@@ -125,26 +124,22 @@ class PromptRuntime:
         return prompt_ids.long()
 
 
-def bind(runtime, module, slot, inserted=0, causal=False):
-    # a plain attribute, not a submodule: the model's state_dict and module tree stay as they were
-    module.__dict__["_fastprompt"] = attention.Binding(runtime, slot, inserted, causal)
-    runtime.bound.append(module)
-
-
-def capture_mask(runtime, stack: Stack) -> None:
+def capture_mask(runtime: PromptRuntime, stack: Stack) -> None:
     """Keeps the (B, T) padding mask the stack's owner is called with (inserted tokens and the
     lower-layer cache place themselves by it)."""
 
     def prehook(runtime, module, args, kwargs):
-        if runtime.computing:  # a decoder prompt's own pass, inside the real forward
+        state = runtime.forward
+        if state.computing:  # a decoder prompt's own pass, inside the real forward
             return None
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        runtime.mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        runtime.inserted_in_flight = 0  # a forward that raised midway leaves nothing behind
+        state.mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        state.inserted_in_flight = 0  # a forward that raised midway leaves nothing behind
         return None
 
-    runtime.handles.append(stack.owner.register_forward_pre_hook(weak_hook(runtime, prehook), with_kwargs=True))
+    runtime.undo.hook(stack.owner.register_forward_pre_hook(weak_hook(runtime, prehook), with_kwargs=True))
 
 
 def runtime_of(model: nn.Module) -> PromptRuntime | None:
-    return model.__dict__.get("_fastprompt_runtime")
+    """The runtime of a patched model (not through wrappers), or None."""
+    return model.__dict__.get(RUNTIME_ATTRIBUTE)

@@ -1,4 +1,5 @@
-"""Per-layer forward wrappers: no autograd below the first prompt, checkpointing from it on.
+"""Per-layer forward wrappers (`install_truncation`): no autograd below the first prompt, checkpointing
+from it on (also under transformers' own gradient checkpointing), each undone by the undo log.
 
 Wrappers are set as an instance attribute `forward` (not a submodule, not a class change), so
 hooks still run once around them, state_dict names stay the same, and removal restores the
@@ -20,18 +21,14 @@ from transformers.cache_utils import Cache
 
 from .back_references import weak_method
 
-_MISSING = object()
 
-
-def _set_forward(layer: nn.Module, make, saved: list) -> None:
-    previous = layer.__dict__.get("forward", _MISSING)
+def _set_forward(layer: nn.Module, make, undo) -> None:
     original = layer.forward
     forward = functools.wraps(original)(make(weak_method(layer, original)))
     if getattr(original, "__self__", None) is layer:
         # __wrapped__ names the function rather than the bound method, which would hold the layer
         forward.__wrapped__, forward.__signature__ = original.__func__, inspect.signature(original)
-    layer.forward = forward
-    saved.append((layer, previous))
+    undo.set_attribute(layer, "forward", forward)
 
 
 def _no_grad(original, skip):
@@ -100,23 +97,16 @@ def _checkpointed(layer, original, always, bypass, snapshot, restore):
     return forward
 
 
-def install_truncation(layers_without_grad, layers_with_grad, saved: list, checkpointing: bool, bypass=lambda: False,
+def install_truncation(layers_without_grad, layers_with_grad, undo, checkpointing: bool, bypass=lambda: False,
                        snapshot=lambda: None, restore=lambda s: None, skip=lambda: False) -> None:
     """layers_without_grad run under no_grad; layers_with_grad are checkpointed when `checkpointing`
     or when transformers' gradient checkpointing is on for them.
     bypass(): True while a call must run unwrapped (the prompt's own pass that fills a KV cache);
     snapshot() / restore(state) -> previous: the per-forward state a recompute must see again;
-    skip(): True while layers without grad must pass their input through (lower-layer cache hit)."""
+    skip(): True while layers without grad must pass their input through (lower-layer cache hit).
+    undo: the runtime's UndoLog, which restores each layer's forward."""
     for layer in layers_without_grad:
-        _set_forward(layer, lambda original: _no_grad(original, skip), saved)
+        _set_forward(layer, lambda original: _no_grad(original, skip), undo)
     for layer in layers_with_grad:
-        _set_forward(layer, lambda original, layer=layer: _checkpointed(layer, original, checkpointing, bypass, snapshot, restore), saved)
+        _set_forward(layer, lambda original, layer=layer: _checkpointed(layer, original, checkpointing, bypass, snapshot, restore), undo)
 
-
-def remove_truncation(saved: list) -> None:
-    for layer, previous in reversed(saved):
-        if previous is _MISSING:
-            layer.__dict__.pop("forward", None)
-        else:
-            layer.__dict__["forward"] = previous
-    saved.clear()

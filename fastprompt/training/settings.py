@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from ..config import PREFIX_INITS
+from ..config import PREFIX_INITS, method_class, method_names
 from .errors import SettingsError
 
 TASK_KINDS = ("seq", "token", "qa", "lm")
-METHOD_NAMES = ("ptv2", "prompt", "lpt")
 
 
 def flag(name: str) -> str:
@@ -67,8 +66,8 @@ class TrainSettings:
         """Raises SettingsError for the first bad setting."""
         if self.task is not None and self.task not in TASK_KINDS:
             raise SettingsError(f"--task must be one of {list(TASK_KINDS)}, got {self.task!r}")
-        if self.method not in METHOD_NAMES:
-            raise SettingsError(f"--method must be one of {list(METHOD_NAMES)}, got {self.method!r}")
+        if self.method not in method_names():
+            raise SettingsError(f"--method must be one of {list(method_names())}, got {self.method!r}")
         if self.prefix_init not in PREFIX_INITS:
             raise SettingsError(f"--prefix-init must be one of {list(PREFIX_INITS)}, got {self.prefix_init!r}")
         for name in ("epochs", "batch_size", "max_answer_length", "num_beams"):
@@ -91,11 +90,12 @@ class TrainSettings:
             raise SettingsError(f"--template must contain {{source}} where the input goes, got {self.template!r}")
         if self.init_text is not None and not self.init_text.strip():
             raise SettingsError("--init-text must not be empty")
-        if self.init_text is not None and self.method == "lpt":
-            raise SettingsError("--init-text does not apply to --method lpt: its prompt is generated from each input")
+        method = method_class(self.method)
+        if self.init_text is not None and not method.accepts_init_text:
+            raise SettingsError(f"--init-text does not apply to --method {self.method}: its prompt is generated from each input")
         if self.init_text is not None and self.reparam:
             raise SettingsError("--init-text sets the prefix itself; --reparam makes it an MLP's output: use one of them")
-        if self.prefix_init != "random" and (self.method != "ptv2" or self.init_text is not None):
+        if self.prefix_init != "random" and ("prefix_init" not in method.exclusive_fields or self.init_text is not None):
             raise SettingsError(f"--prefix-init {self.prefix_init} is for --method ptv2 without --init-text")
 
 

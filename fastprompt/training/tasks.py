@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..integration.facade import QUANTISATION_SKIP
 from ..storage import PromptLoadError, atomic_write
 from . import squad
 from .conll import looks_like_conll, read_conll
@@ -33,7 +34,6 @@ from .text_pairs import TextPair, group_references, looks_like_generation, read_
 
 EVAL_BATCH = 64
 # heads stay float under 8/4-bit loading: they train
-HEAD_MODULES = ("classifier", "pooler", "score", "qa_outputs")
 
 
 def to_device(inputs: dict, model) -> dict:
@@ -76,7 +76,7 @@ class Task:
     default_max_length = 64
     tokenizer_kwargs: dict = {}
     unit = "examples"  # what one training item is
-    float_modules = HEAD_MODULES  # kept float under 8/4-bit loading
+    float_modules = QUANTISATION_SKIP  # kept float under 8/4-bit loading
     predictions_file = "predictions.json"
     labels: list[str] | None = None
     train_items: list = []

@@ -20,7 +20,7 @@ def cuda_extensions():
     if torch.version.cuda is None:
         raise RuntimeError("FASTPROMPT_BUILD_CUDA=1 needs a CUDA build of torch at build time (pip install --no-build-isolation)")
     ext = CUDAExtension(
-        "fastprompt._cuda_ext",
+        "fastprompt.kernels._cuda_ext",  # beside cuda_prefix_attention.py, which loads it
         ["csrc/prefix_attention_binding.cpp", "csrc/prefix_attention.cu"],
         include_dirs=[os.path.abspath("csrc")],
         define_macros=[("FASTPROMPT_WITH_CUDA", None), ("TORCH_EXTENSION_NAME", "_cuda_ext")],

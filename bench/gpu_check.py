@@ -1123,14 +1123,14 @@ _CUDA_EXT: dict = {"module": None, "origin": None}
 
 
 def _find_cuda_extension():
-    """The csrc/ extension if it is already built (setup.py's fastprompt._cuda_ext, or a JIT build in
+    """The csrc/ extension if it is already built (setup.py's fastprompt.kernels._cuda_ext, or a JIT build in
     torch's extension folder), loaded without compiling anything; else (None, why)."""
     from fastprompt.kernels import cuda_prefix_attention as cpa
 
     try:
-        from fastprompt import _cuda_ext
+        from fastprompt.kernels import _cuda_ext
 
-        return _cuda_ext, "fastprompt._cuda_ext (setup.py)"
+        return _cuda_ext, "fastprompt.kernels._cuda_ext (setup.py)"
     except ImportError:
         pass
     try:

@@ -184,6 +184,26 @@ def test_varlen_plan_is_reused_across_layers_and_rebuilt_for_a_new_mask():
     assert a.max_k == 6 and a.cu_k.tolist() == [0, 6, 10, 11] and a.k_idx.numel() == 11
 
 
+def test_varlen_plan_memo_is_per_thread():
+    """The plan is per-forward state: a forward in another thread builds its own and leaves this
+    thread's in place (this thread's next layer still hits)."""
+    import threading
+
+    kp = _padding(3, 6, "right")
+    mine = aten._plan_for(kp, 6, True)
+    theirs = {}
+
+    def other():
+        theirs["first"] = aten._plan_for(kp, 6, True)
+        theirs["second"] = aten._plan_for(kp, 6, True)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(20)
+    assert theirs["first"] is not mine and theirs["second"] is theirs["first"]
+    assert aten._plan_for(kp, 6, True) is mine
+
+
 # ---------------------------------------------------------------- fake CUDA tensors, real aten ops
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastprompt.ops import PRIORITY, backends, explain_backend, prefix_attention
+from fastprompt.ops import backends, explain_backend, prefix_attention, priority
 
 
 def _t(*shape, device="cpu", dtype=torch.float32, grad=False):
@@ -16,9 +16,9 @@ def _t(*shape, device="cpu", dtype=torch.float32, grad=False):
 def test_every_backend_declares_itself_and_each_priority_name_exists():
     names = {b.name for b in backends()}
     assert names == {"aten", "triton", "cuda", "cpu", "torch"}
-    for order in PRIORITY.values():
+    for order in priority().values():
         assert set(order) <= names
-    assert PRIORITY["cuda"][0] == "aten"  # the CUDA default until Triton is measured faster
+    assert priority()["cuda"][0] == "aten"  # the CUDA default until Triton is measured faster
     assert all(b.notes for b in backends())
 
 
@@ -78,11 +78,11 @@ def test_cuda_default_is_aten_and_refusals_fall_back_with_reasons(fake_gpu):
 
 def test_prefer_puts_a_backend_first_and_restores_the_order():
     q, kv, p = _t(1, 2, 3, 8, grad=True), _t(1, 2, 3, 8), _t(2, 2, 8)
-    before = {d: list(o) for d, o in PRIORITY.items()}
+    before = dict(priority())
     with __import__("fastprompt").ops.prefer("torch"):
         assert explain_backend(q, kv, kv, p, p).backend == "torch"
-        assert PRIORITY["cuda"][0] == "torch"
-    assert PRIORITY == before and explain_backend(q, kv, kv, p, p).backend == "cpu"
+        assert priority()["cuda"][0] == "torch"
+    assert dict(priority()) == before and explain_backend(q, kv, kv, p, p).backend == "cpu"
     with pytest.raises(ValueError, match="name must be one of"):
         __import__("fastprompt").ops.prefer("flash")
 
@@ -126,3 +126,88 @@ def test_triton_goes_first_only_where_a_measurement_says_it_is_faster(fake_gpu, 
     assert _fake_choice(causal=False).order[0] == "aten"  # the row is for causal calls only
     fake_gpu["value"] = (8, 0)
     assert _fake_choice(causal=True).order[0] == "aten"  # measured on another GPU
+
+
+def test_the_priority_is_read_only():
+    with pytest.raises(TypeError):
+        priority()["cpu"] = ("torch",)
+    with pytest.raises(AttributeError):
+        priority()["cpu"].append("torch")
+
+
+def test_prefer_nests_and_each_exit_restores_the_order_it_found():
+    from fastprompt.ops import prefer
+
+    q, kv, p = _t(1, 2, 3, 8, grad=True), _t(1, 2, 3, 8), _t(2, 2, 8)
+    default = dict(priority())
+    with prefer("torch"):
+        assert priority()["cpu"] == ("torch", "cpu")
+        with prefer("cpu"):
+            assert priority()["cpu"] == ("cpu", "torch") and explain_backend(q, kv, kv, p, p).backend == "cpu"
+        assert priority()["cpu"] == ("torch", "cpu") and explain_backend(q, kv, kv, p, p).backend == "torch"
+    assert dict(priority()) == default
+    plain = prefer("torch")  # the plain-call form lasts until restore()
+    assert explain_backend(q, kv, kv, p, p).backend == "torch"
+    plain.restore()
+    assert dict(priority()) == default and explain_backend(q, kv, kv, p, p).backend == "cpu"
+
+
+def test_prefer_in_one_thread_leaves_another_threads_dispatch_alone():
+    """Two threads at once: one inside prefer("torch"), the other dispatching meanwhile."""
+    import threading
+
+    from fastprompt.ops import prefer
+
+    q, kv, p = _t(1, 2, 3, 8, grad=True), _t(1, 2, 3, 8), _t(2, 2, 8)
+    inside, checked = threading.Event(), threading.Event()
+    seen = {}
+
+    def preferring():
+        with prefer("torch"):
+            seen["preferring"] = explain_backend(q, kv, kv, p, p).backend
+            inside.set()
+            checked.wait(10)
+            seen["preferring_after"] = explain_backend(q, kv, kv, p, p).backend
+
+    def other():
+        inside.wait(10)
+        seen["other"] = explain_backend(q, kv, kv, p, p).backend
+        seen["other_order"] = priority()["cpu"]
+        checked.set()
+
+    threads = [threading.Thread(target=preferring), threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"preferring": "torch", "other": "cpu", "other_order": ("cpu", "torch"), "preferring_after": "torch"}
+    assert explain_backend(q, kv, kv, p, p).backend == "cpu"  # nor this one
+
+
+def test_triton_hands_gpu_decode_to_aten_and_says_why(fake_gpu, monkeypatch):
+    """Decode (S=1) on a GPU: named or preferred, triton declares the handoff, aten runs, and
+    explain_backend gives triton's reason; S > 1 stays with triton."""
+    from fastprompt.ops import dispatch
+
+    if not dispatch.BACKENDS["triton"].available():
+        pytest.skip("Triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # real GPU kernels, not the interpreter
+
+    def choice(s, **kw):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            q = torch.empty(2, 8, s, 64, dtype=torch.bfloat16, device="cuda")
+            kv = torch.empty(2, 2, 16, 64, dtype=torch.bfloat16, device="cuda")
+            p = torch.empty(2, 4, 64, dtype=torch.bfloat16, device="cuda")
+            return explain_backend(q, kv, kv, p, p, **kw)
+
+    c = choice(1, backend="triton")
+    assert c.backend == "aten" and c.refused["triton"].startswith("hands these inputs to aten: decode (S=1)")
+    with dispatch.prefer("triton"):
+        c = choice(1)
+        assert c.backend == "aten" and c.order[0] == "triton" and "hands these inputs to aten" in c.refused["triton"]
+        assert choice(4).backend == "triton"
+    assert choice(4, backend="triton").backend == "triton"
+    fake_gpu["value"] = (7, 5)  # aten cannot run it: triton keeps the decode call
+    assert choice(1, backend="triton").backend == "triton"

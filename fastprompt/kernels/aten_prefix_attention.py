@@ -19,8 +19,11 @@ same the CPU backend's tests exercise; this file only chooses and drives the seq
   own mask type, not part of the bias, so float32 causal calls build no (S, Sk) mask. It takes
   repeated K/V heads, so grouped-query K/V are repeated on this path only.
 
-The kernels are called through a `kernels` object (`aten_kernels.CUDA_KERNELS`); tests pass
-`REFERENCE_KERNELS` to run every line here on CPU. Refused (declared below): attention dropout
+This file also holds the variable-length plan (`VarlenPlan`, memoised per forward in the
+calling thread), the split of memory-efficient calls that would reach PyTorch 2.13's 2^32 bug,
+and the backend's declaration (`BACKEND`). The kernels are called through a `kernels` object
+(`aten_kernels.CUDA_KERNELS`); tests pass `REFERENCE_KERNELS` to run every line here on CPU.
+Refused (declared below): attention dropout
 (the flash kernels' RNG state would have to be replayed for the prefix part too), head dims
 that are not multiples of 8 or above 256, GPUs before sm_80.
 """
@@ -102,11 +105,13 @@ class VarlenPlan:
         return VarlenPlan(None, cu_q, s, k_idx, cu_k, max_k)
 
 
-# the same (B, Sk) mask reaches every layer of one forward: its plan (and host sync) is reused
-_plans = LastForTensor()
+# the same (B, Sk) mask reaches every layer of one forward: its plan (and host sync) is reused.
+# Per-forward state, so held per context (thread / task): concurrent forwards never share it
+_plans = LastForTensor("fastprompt_varlen_plan")
 
 
 def _plan_for(key_padding: torch.Tensor, s: int, causal: bool) -> VarlenPlan:
+    """`VarlenPlan.from_padding`, built once per forward (the last mask seen in this thread)."""
     return _plans.get(key_padding, lambda: VarlenPlan.from_padding(key_padding, s, causal), key=(s, causal, key_padding.shape))
 
 

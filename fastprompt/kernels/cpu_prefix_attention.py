@@ -5,7 +5,8 @@ the two parts. Sequence part: `aten::_scaled_dot_product_flash_attention_for_cpu
 its output and per-row LSE and takes grouped-query K/V and transformers' (B, S, H, D) memory
 layout as they are. Prefix part: the same kernel with all B*S query rows of a kv head as one
 "batch" against the P prefix keys (faster on CPU than the generic matrix-product part), the
-prefix gradients batch-reduced inside its backward.
+prefix gradients batch-reduced inside its backward. Then the backend's entry point
+(`prefix_attention_cpu`) and declaration (`BACKEND`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .declaration import Backend
 from .inputs import AttentionInputs
 from .lse_merge import MergedPrefixAttention
 from .prefix_matmul import prompt_groups
+from .rows import fold_rows, unfold_rows
 
 _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -23,19 +25,6 @@ _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 # measured with bench/kernels_report.py (torch 2.13, AVX512/AMX Xeon): upcasting the backward wins
 # at 128 and 256 keys (bf16 fwd+bwd 1.27x -> 0.73x, 1.31x -> 1.08x of SDPA) and loses at 512
 _UPCAST_MAX_KEYS = 256
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, X) -> (H, B * S, X); a view, no copy, when x is laid out (B, S, H, X) as
-    transformers' projections produce q, k, v and expect the attention output."""
-    b, h, s, d = x.shape
-    return x.transpose(0, 1).reshape(h, b * s, d)
-
-
-def _unrows(x: torch.Tensor, b: int) -> torch.Tensor:
-    """(H, B * S, X) -> (B, H, S, X) view."""
-    h, bs, d = x.shape
-    return x.view(h, b, bs // b, d).transpose(0, 1)
 
 
 def _kernel_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -71,11 +60,12 @@ class CpuFlashSequence:
 def _rows_of(x, idx, b):
     """x: (B, H, S, X) -> (1, H, n*S, X) rows of the examples idx (all when None): the prefix
     attention is one 'batch' whose queries are every row of those examples."""
-    r = _rows(x)
+    r = fold_rows(x)
     if idx is None:
         return r.unsqueeze(0)
-    h, bs, d = r.shape
-    return r.view(h, b, bs // b, d).index_select(1, idx).reshape(h, -1, d).unsqueeze(0)
+    h, _, d = r.shape
+    # select on the (H, B, S, X) view of the folded rows: one copy, already in folded order
+    return unfold_rows(r, b).transpose(0, 1).index_select(1, idx).reshape(h, -1, d).unsqueeze(0)
 
 
 class PrefixByCpuFlash:
@@ -88,7 +78,7 @@ class PrefixByCpuFlash:
         b, h, s, d = q.shape
         if self.groups is None:
             o, l = _FWD(_rows_of(q, None, b), pk.unsqueeze(0), pv.unsqueeze(0), 0.0, False, scale=self.scale)
-            return _unrows(o[0], b), _unrows(l[0].float().unsqueeze(-1), b).squeeze(-1)
+            return unfold_rows(o[0], b), unfold_rows(l[0].float().unsqueeze(-1), b).squeeze(-1)
         out = q.new_empty(h, b, s, d)
         lse = torch.empty(h, b, s, dtype=torch.float32, device=q.device)
         for idx, t in self.groups:
@@ -106,7 +96,7 @@ class PrefixByCpuFlash:
                 _rows_of(dout, None, b), _rows_of(q, None, b), pk.unsqueeze(0), pv.unsqueeze(0),
                 _rows_of(out, None, b), _rows_of(lse4, None, b).squeeze(-1).contiguous(), 0.0, False, scale=scale,
             )
-            return _unrows(dq[0], b), dpk[0], dpv[0]
+            return unfold_rows(dq[0], b), dpk[0], dpv[0]
         dq = q.new_empty(h, b, s, d)
         dpk, dpv = torch.zeros_like(pk), torch.zeros_like(pv)
         for idx, t in self.groups:

@@ -1,8 +1,10 @@
-"""The `cuda` backend: the csrc/ extension (a CUDA C++ forward kernel and its torch binding).
+"""The `cuda` backend: loading (or JIT-building) the csrc/ extension, a CUDA C++ forward kernel and
+its torch binding, the call into it, and its declaration.
 
 Forward only, for inference: training on GPU uses the aten (or Triton) backend. The extension is built
-by setup.py when torch has CUDA (FASTPROMPT_BUILD_CUDA=1 pip install --no-build-isolation .),
-or just in time with ninja from csrc/ in a source checkout.
+by setup.py when torch has CUDA (FASTPROMPT_BUILD_CUDA=1 pip install --no-build-isolation .) as
+`fastprompt.kernels._cuda_ext`, beside this file, which imports it from there; or just in time with
+ninja from csrc/ in a source checkout (`build`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def build(build_dir: str | None = None, with_cuda: bool | None = None, verbose: 
 @functools.cache
 def _extension():
     try:
-        from fastprompt import _cuda_ext  # built by setup.py
+        from . import _cuda_ext  # built by setup.py beside this file (fastprompt.kernels._cuda_ext)
 
         return _cuda_ext
     except ImportError:

@@ -1,4 +1,5 @@
-"""What a prefix-attention backend declares about itself; each backend's file defines one.
+"""What a prefix-attention backend declares about itself (`Backend`, and the `Handoff` by which
+it leaves some inputs to another backend); each backend's file defines one `BACKEND`.
 
 The dispatcher (`fastprompt.ops.dispatch`) reads these declarations and a per-device priority
 list; it never special-cases a backend by name.
@@ -15,6 +16,16 @@ from .inputs import AttentionInputs
 
 
 @dataclass(frozen=True)
+class Handoff:
+    """Inputs a backend accepts but leaves to another: when(x) returns why (or None to run x
+    itself), and the dispatcher then runs the backend named `to`, if that one accepts x, also
+    when this backend was named or preferred. `explain_backend` reports the reason."""
+
+    to: str
+    when: Callable[[AttentionInputs], str | None]
+
+
+@dataclass(frozen=True)
 class Backend:
     """One implementation of prefix attention.
 
@@ -25,8 +36,9 @@ class Backend:
     position bias in an unfrozen model, goes only to backends that do).
     min_capability: lowest CUDA compute capability. available: whether its runtime (compiler,
     extension, GPU) is present. refuses: further input-dependent refusals, returning the reason
-    or None. fn: the implementation, called with normalised `AttentionInputs`, returning
-    (B, H, S, D) in q's dtype. notes: what it refuses and why, for people reading the registry.
+    or None. hands_off: a `Handoff`, inputs it accepts but leaves to another backend (`why_not`
+    still accepts them: a direct call of fn runs them). fn: the implementation, called with
+    normalised `AttentionInputs`, returning (B, H, S, D) in q's dtype. notes: what it refuses and why, for people reading the registry.
     """
 
     name: str
@@ -42,6 +54,7 @@ class Backend:
     bias_gradients: bool = False
     min_capability: tuple[int, int] | None = None
     refuses: Callable[[AttentionInputs], str | None] | None = None
+    hands_off: Handoff | None = None
     notes: str = ""
 
     def why_not(self, x: AttentionInputs) -> str | None:

@@ -1,4 +1,5 @@
-"""The prefix part of the LSE merge as plain matrix products (any device; the CUDA backend's).
+"""The prefix part of the LSE merge as plain matrix products (`PrefixByMatmul`: any device; the
+aten backend's), and `prompt_groups`, a bank's examples grouped by prompt (every backend's).
 
 Every query row of a kv head attends to the P prefix keys in one batched product per kv head:
 (Hkv, B*S*G, D) @ (Hkv, D, P), G = H // Hkv query heads per kv head, so grouped-query attention
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .rows import fold_rows, unfold_rows
 from .tensor_memo import LastForTensor
 
 # rows per product chunk are bounded so the (Hkv, rows, P) float32 score blocks stay under this
@@ -27,30 +29,30 @@ def _bmm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor, hkv: int, idx: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H, S, X) -> (Hkv, n*S*G, X) for the examples idx (all when None); a view for MHA in
-    transformers' (B, S, H, X) layout, a copy otherwise."""
-    b, h, s, d = x.shape
-    g = h // hkv
-    x5 = x.unflatten(1, (hkv, g))  # (B, Hkv, G, S, X)
+    """(B, H, S, X) -> (Hkv, n*S*G, X) for the examples idx (all when None), rows (b, s, g); a
+    view for MHA in transformers' (B, S, H, X) layout, a copy otherwise."""
+    x5 = x.unflatten(1, (hkv, x.shape[1] // hkv))  # (B, Hkv, G, S, X)
     if idx is not None:
         x5 = x5.index_select(0, idx)
-    return x5.permute(1, 0, 3, 2, 4).reshape(hkv, -1, d)
+    return fold_rows(x5.transpose(2, 3))
 
 
 def _unrows(r: torch.Tensor, b: int, h: int, s: int) -> torch.Tensor:
     """(Hkv, b*S*G, X) -> (b, H, S, X)."""
-    hkv, _, d = r.shape
-    g = h // hkv
-    return r.view(hkv, b, s, g, d).permute(1, 0, 3, 2, 4).reshape(b, h, s, d)
+    hkv = r.shape[0]
+    return unfold_rows(r, b, s, h // hkv).transpose(2, 3).reshape(b, h, s, r.shape[-1])
 
 
-_groups = LastForTensor()
+# per-forward state, so held per context (thread / task): concurrent forwards never share it
+_groups = LastForTensor("fastprompt_prompt_groups")
 
 
 def prompt_groups(prompt_ids: torch.Tensor | None) -> list[tuple[torch.Tensor, int]] | None:
     """[(example indices, prompt index)] per distinct prompt of a bank, or None without one.
     Finding which prompts occur costs a host sync; a patched model hands every layer the same
-    prompt_ids tensor in one forward (and its checkpointed recompute), so it is paid once per forward."""
+    prompt_ids tensor in one forward (and its checkpointed recompute), so it is paid once per
+    forward. The memo is the last prompt_ids seen in this thread (`LastForTensor`): a forward in
+    another thread neither reuses nor evicts it."""
     if prompt_ids is None:
         return None
     return _groups.get(prompt_ids, lambda: [((prompt_ids == t).nonzero(as_tuple=True)[0], int(t))

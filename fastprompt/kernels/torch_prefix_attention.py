@@ -5,6 +5,8 @@ the prefix scores are one matrix product of all ``B * S`` queries (per kv head) 
 ``P`` prefix keys, the sequence scores are the usual batched product, and the two score blocks
 share one softmax. Autograd reduces the prefix gradients over the batch inside the same
 matrix products, so no ``(B, P, D)``-sized prefix buffer exists in forward or backward.
+The file holds that computation (`_attention`), its entry point (`prefix_attention_torch`) and the
+backend's declaration (`BACKEND`).
 """
 
 from __future__ import annotations
@@ -14,29 +16,18 @@ import torch
 from .declaration import Backend
 from .inputs import AttentionInputs
 from .prefix_matmul import prompt_groups
-
-
-def _rows_by_kv_head(x: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, R, X) -> (Hkv, B * R, X): every query row of a kv head in one matrix."""
-    b, hkv, r, d = x.shape
-    return x.transpose(0, 1).reshape(hkv, b * r, d)
-
-
-def _rows_back(x: torch.Tensor, b: int) -> torch.Tensor:
-    """(Hkv, B * R, X) -> (B, Hkv, R, X)."""
-    hkv, br, d = x.shape
-    return x.view(hkv, b, br // b, d).transpose(0, 1)
+from .rows import fold_rows, unfold_rows
 
 
 def _prefix_scores(qg, prefix_k, prompt_ids):
     """qg: (B, Hkv, G*S, D); prefix_k: (Hkv, P, D) or (T, Hkv, P, D) -> (B, Hkv, G*S, P)."""
     b = qg.shape[0]
     if prompt_ids is None:
-        return _rows_back(torch.bmm(_rows_by_kv_head(qg), prefix_k.transpose(1, 2)), b)
+        return unfold_rows(torch.bmm(fold_rows(qg), prefix_k.transpose(1, 2)), b)
     out = qg.new_empty(*qg.shape[:3], prefix_k.shape[-2])
     for idx, t in prompt_groups(prompt_ids):
         sub = qg.index_select(0, idx)
-        out[idx] = _rows_back(torch.bmm(_rows_by_kv_head(sub), prefix_k[t].transpose(1, 2)), sub.shape[0])
+        out[idx] = unfold_rows(torch.bmm(fold_rows(sub), prefix_k[t].transpose(1, 2)), sub.shape[0])
     return out
 
 
@@ -44,11 +35,11 @@ def _prefix_values(probs, prefix_v, prompt_ids):
     """probs: (B, Hkv, G*S, P); prefix_v: (Hkv, P, D) or (T, Hkv, P, D) -> (B, Hkv, G*S, D)."""
     b = probs.shape[0]
     if prompt_ids is None:
-        return _rows_back(torch.bmm(_rows_by_kv_head(probs), prefix_v), b)
+        return unfold_rows(torch.bmm(fold_rows(probs), prefix_v), b)
     out = probs.new_empty(*probs.shape[:3], prefix_v.shape[-1])
     for idx, t in prompt_groups(prompt_ids):
         sub = probs.index_select(0, idx)
-        out[idx] = _rows_back(torch.bmm(_rows_by_kv_head(sub), prefix_v[t]), sub.shape[0])
+        out[idx] = unfold_rows(torch.bmm(fold_rows(sub), prefix_v[t]), sub.shape[0])
     return out
 
 

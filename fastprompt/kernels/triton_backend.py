@@ -1,5 +1,6 @@
-"""The `triton` backend's declaration, apart from its kernels (triton_prefix_attention.py) so that
-asking the dispatcher what runs does not import Triton (a second of start-up)."""
+"""The `triton` backend's declaration: what it refuses, the decode calls it hands to `aten`, and the
+call into its kernels. Apart from the kernels (triton_prefix_attention.py) so that asking the
+dispatcher what runs does not import Triton (a second of start-up)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 
 import torch
 
-from .declaration import Backend
+from .declaration import Backend, Handoff
 from .inputs import AttentionInputs
 
 
@@ -33,6 +34,22 @@ def _refuses(x: AttentionInputs) -> str | None:
     return None
 
 
+def _interpreting() -> bool:
+    """Triton's own reading of TRITON_INTERPRET (imports Triton: asked only of CUDA decode calls)."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _decode_on_gpu(x: AttentionInputs) -> str | None:
+    if x.q.shape[2] == 1 and x.q.device.type == "cuda" and not _interpreting():
+        return (
+            "decode (S=1) leaves these kernels one program per (batch, head) with a single query row; "
+            "FlashAttention's split-KV decode in the aten backend serves it"
+        )
+    return None
+
+
 BACKEND = Backend(
     name="triton",
     devices=frozenset({"cuda", "cpu"}),
@@ -42,6 +59,7 @@ BACKEND = Backend(
     head_dims=(16, 256),
     dropout=False,
     refuses=_refuses,
+    hands_off=Handoff(to="aten", when=_decode_on_gpu),
     notes=(
         "fused Triton kernels, no dropout; not the CUDA default until a GPU measurement shows it faster; decode "
         "(S=1) on a GPU is handed to the aten backend; CPU tensors only under TRITON_INTERPRET=1 (fp32/fp16: the "

@@ -17,6 +17,10 @@ there, with no (B, ...) prefix-sized buffer anywhere.
 Masks: `mask` is any bool tensor broadcastable to (B, H, S, Sk) read through strides (stride 0
 for broadcast dims), `bias` likewise (float, T5's position bias); `causal` is bottom-right
 aligned. Both apply to the sequence keys only: the prefix is visible to every query.
+
+Below the kernels: config validation, the launchers (`prefix_attention_forward` /
+`prefix_attention_backward`), the autograd Function over them, and `prefix_attention_triton`, the
+backend's entry point (its declaration is in triton_backend.py, which imports no Triton).
 """
 
 from __future__ import annotations
@@ -532,18 +536,13 @@ class _TritonPrefixAttention(torch.autograd.Function):
 
 
 def prefix_attention_triton(x: AttentionInputs) -> torch.Tensor:
-    """Normalised inputs -> (B, H, S, D); no dropout. Runs on CUDA, or anywhere under TRITON_INTERPRET=1."""
+    """Normalised inputs -> (B, H, S, D); no dropout. Runs on CUDA, or anywhere under TRITON_INTERPRET=1.
+    Decode on a GPU reaches here only when called directly: the dispatcher hands it to aten
+    (the backend's declared `Handoff`, triton_backend.py)."""
     if x.dropout_p:
         raise ValueError("the triton backend does not support dropout; use backend='torch'")
     mask = x.bool_mask()  # one strided bool mask; the kernel applies causal itself
     q, k, v, pk, pv = x.q, x.k, x.v, x.prefix_k, x.prefix_v
-    if q.shape[2] == 1 and q.is_cuda and not triton.knobs.runtime.interpret:
-        # decode (one query row against a long cache) leaves these kernels one program per (b, h)
-        # with a single row: FlashAttention's split-KV decode in the aten backend serves it
-        from .aten_prefix_attention import BACKEND as ATEN
-
-        if ATEN.why_not(x) is None:
-            return ATEN.fn(x)
     krange = None if x.key_padding is None else key_range(x.key_padding)
     training = x.needs_grad
     on_gpu = q.is_cuda and not triton.knobs.runtime.interpret

@@ -1,4 +1,6 @@
-"""The public prefix-attention op: validates and normalises at the boundary, then one call into a backend."""
+"""The public prefix-attention op and its companions: `prefix_attention_inputs` validates and
+normalises the arguments once at the boundary, `prefix_attention` makes one call into the backend
+the dispatcher selects, `explain_backend` says which backend that is and why the others are not."""
 
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, backend: str | None = None,
     D ** -0.5. dropout_p: attention dropout (the torch backend applies it).
     backend: a name from `fastprompt.ops.backends()` ("aten", "triton", "cuda", "cpu", "torch")
     or None for the first in the device's priority list that supports the call
-    (`fastprompt.ops.dispatch.PRIORITY`; `explain_backend` says which and why).
+    (`fastprompt.ops.priority()`; `explain_backend` says which and why).
     Returns (B, H, S, D) in q's dtype.
     """
     x = prefix_attention_inputs(q, k, v, prefix_k, prefix_v, **kwargs)

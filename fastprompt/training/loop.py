@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .. import cache_lower_layers, patch, prompt_config, prompt_parameters, save_prompts
+from .. import cache_lower_layers, load_prompts, patch, prompt_config, prompt_parameters, save_prompts
+from ..storage import PromptLoadError
 from .errors import SettingsError
 from .model_loading import default_model_path, load_model, pick_device
 from .settings import RUN_SETTINGS, TrainSettings
@@ -60,13 +61,30 @@ def _resumed(settings: TrainSettings):
     return meta["state"]
 
 
+def _several(settings: TrainSettings) -> bool:
+    """Several --data (a multi-task run); a one-element list is the single-dataset run."""
+    for name in ("data", "eval"):
+        value = getattr(settings, name)
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            setattr(settings, name, value[0])
+    if isinstance(settings.data, (list, tuple)):
+        return True
+    if isinstance(settings.eval, (list, tuple)):
+        raise SettingsError(f"--eval: {len(settings.eval)} eval files for one --data")
+    return False
+
+
 def train(settings: TrainSettings) -> int:
     """Runs `fastprompt train`; returns the exit code (0, or 130/143 when stopped by a signal).
     Raises TrainError (SettingsError, DataError, ModelLoadError) for input it cannot use, before
     anything is written to settings.out."""
     from tqdm import tqdm
 
+    from .multitask import resolve_init_from, train_multitask
+
     args = settings
+    if _several(args):
+        return train_multitask(args)
     resumed = _resumed(args) if args.resume else None
     args.check()
     ckpt_dir = args.resume or args.checkpoint_dir or f"{args.out}.ckpt"
@@ -87,6 +105,12 @@ def train(settings: TrainSettings) -> int:
               checkpointing=args.checkpointing, init_text=args.init_text, prefix_init=args.prefix_init, tokenizer=tokenizer)
     except ValueError as e:
         raise SettingsError(str(e)) from None
+    if args.init_from is not None:
+        source = resolve_init_from(args.init_from)
+        try:
+            load_prompts(model, source, trainable=True)
+        except (PromptLoadError, ValueError) as e:
+            raise SettingsError(f"--init-from {args.init_from}: {str(e).splitlines()[0]}") from None
     if args.cache_lower_layers:
         try:
             cache_lower_layers(model)

@@ -1,0 +1,610 @@
+"""Several datasets in one run on one frozen encoder: `fastprompt train --data A --data B ...`.
+
+How the heads sit on the backbone: the model is loaded once *without* a task head
+(`AutoModel`, e.g. `BertModel`, whose pooler is kept), patched once with fastprompt (one prompt
+for `--share prompt`, a bank of one prompt per dataset for `--share none`), and each dataset gets
+its own head module here, the one transformers' task model would put on that backbone:
+
+- sequence classification (`SequenceHead`): pooler output (or the first token's state where the
+  backbone has no pooler) -> dropout -> Linear(H, labels), as `BertForSequenceClassification`;
+- token classification (`TokenHead`): dropout -> Linear(H, labels) per token, as
+  `BertForTokenClassification`;
+- extractive QA (`SpanHead`): Linear(H, 2) per token -> start and end logits, as
+  `BertForQuestionAnswering`, with its loss (positions outside the window ignored).
+
+One training step encodes each dataset's share of the batch with its own task, pads them to one
+length on the right (a padded example's outputs equal the example's alone), runs the backbone
+once on the mixed batch (with each example's prompt id for a bank), and applies each dataset's
+head and loss to its own rows. The step's loss is sum_d (n_d / B) * loss_d: the mean over the
+batch's examples, as one dataset's own loss is; its gradient is the same weighted sum of each
+dataset's gradient alone. `HeadedModel` is one dataset's view (backbone, its head, its prompt id)
+with the outputs of transformers' task models, so each task's own evaluation and prediction code
+runs unchanged. Generation (lm) is not mixed: a causal LM's head and loss are not a head on a
+shared encoder.
+
+What a run writes to --out: `multitask.json` (the datasets, the sharing mode) and one folder per
+dataset holding that dataset's prompt as a single-task save (the shared prompt, or its bank slot),
+its head (`head.safetensors`), `task.json` and the best evaluation's predictions: `fastprompt
+predict --prompts OUT --task NAME` (or `--prompts OUT/NAME`) applies one, and `fastprompt train
+--init-from OUT` starts a single-task run from the shared prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput
+
+from .. import patch, prompt_config, prompt_parameters, save_prompts
+from ..storage import PromptLoadError, atomic_write, read_json_object
+from .errors import ModelLoadError, SettingsError
+from .model_loading import default_model_path, load_model, pick_device
+from .signals import Stop, StopBetweenSteps
+from .tasks import TASKS, infer_task, write_json
+
+MULTITASK_FILE = "multitask.json"
+HEAD_FILE = "head.safetensors"
+TASK_FILE = "task.json"
+SHARES = ("prompt", "none")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# settings that name one file's columns or one task: with several --data each file's are inferred
+ONE_FILE_SETTINGS = ("task", "text_column", "text_pair_column", "label_column", "target_column", "template")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+# ---------------------------------------------------------------- datasets and their names
+
+
+def split_name(value: str) -> tuple[str | None, str]:
+    """"NAME=path" -> (NAME, path); a plain path -> (None, path)."""
+    name, sep, path = value.partition("=")
+    if sep and _NAME.match(name) and "/" not in name:
+        return name, path
+    return None, value
+
+
+def default_name(path: str) -> str:
+    """The dataset's name from its file: the folder for generic file names (mrpc/train.tsv -> mrpc),
+    else the file's stem."""
+    p = Path(path)
+    generic = {"train", "dev", "valid", "validation", "test", "eval", "data"}
+    return p.parent.name if p.stem.lower() in generic and p.parent.name else p.stem
+
+
+def dataset_files(data: list[str], evals: list[str] | None) -> list[tuple[str, str, str | None]]:
+    """(name, train file, eval file or None) per --data, with --eval matched by name (NAME=path) or
+    by order. Raises SettingsError naming the flag."""
+    named = [split_name(v) for v in data]
+    names = [n or default_name(p) for n, p in named]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SettingsError(f"--data: two datasets are named {dupes[0]!r}: name them, e.g. --data NAME=PATH")
+    evals = list(evals or [])
+    matched: dict[str, str] = {}
+    split = [split_name(v) for v in evals]
+    if split and all(n is not None for n, _ in split):
+        for n, p in split:
+            if n not in names:
+                raise SettingsError(f"--eval {n}={p}: no --data is named {n!r} (datasets: {', '.join(names)})")
+            matched[n] = p
+    elif any(n is not None for n, _ in split):
+        raise SettingsError("--eval: name every eval file (NAME=PATH) or none (matched to --data by order)")
+    elif split:
+        if len(split) != len(names):
+            raise SettingsError(f"--eval: {len(split)} eval files for {len(names)} --data files: give one per --data, in "
+                                "the same order, or name them (--eval NAME=PATH)")
+        matched = {n: p for n, (_, p) in zip(names, split)}
+    return [(n, p, matched.get(n)) for n, (_, p) in zip(names, named)]
+
+
+def parse_mix(text: str) -> float:
+    """--mix: "proportional" (temperature 1) or "temperature" / "temperature:T" (T > 0, default 2)."""
+    if text == "proportional":
+        return 1.0
+    kind, _, value = text.partition(":")
+    if kind == "temperature":
+        try:
+            t = float(value) if value else 2.0
+        except ValueError:
+            t = -1.0
+        if t > 0 and math.isfinite(t):
+            return t
+    raise SettingsError(f"--mix must be proportional, temperature or temperature:T with T > 0, got {text!r}")
+
+
+def mix_weights(sizes: list[int], temperature: float) -> list[float]:
+    """Each dataset's share of the examples: N_d^(1/T) / sum_e N_e^(1/T) (T=1: proportional)."""
+    w = [n ** (1.0 / temperature) for n in sizes]
+    return [x / sum(w) for x in w]
+
+
+class MixedBatches:
+    """Batches of `batch_size` examples, each example's dataset drawn by `weights`; each dataset is
+    read in a shuffled order, reshuffled when used up. Yields [(dataset, [indices])] in dataset order."""
+
+    def __init__(self, sizes: list[int], weights: list[float], batch_size: int, rng: random.Random):
+        self.sizes, self.weights, self.batch_size, self.rng = sizes, weights, batch_size, rng
+        self.orders = [[] for _ in sizes]
+
+    def _take(self, d: int, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if not self.orders[d]:
+                self.orders[d] = list(range(self.sizes[d]))
+                self.rng.shuffle(self.orders[d])
+            out.append(self.orders[d].pop())
+        return out
+
+    def __next__(self) -> list[tuple[int, list[int]]]:
+        picks = self.rng.choices(range(len(self.sizes)), weights=self.weights, k=self.batch_size)
+        return [(d, self._take(d, picks.count(d))) for d in range(len(self.sizes)) if picks.count(d)]
+
+    def __iter__(self):
+        return self
+
+
+# ---------------------------------------------------------------- heads
+
+
+def _init_linear(linear: nn.Linear, config) -> nn.Linear:
+    # as transformers initialises a fresh task head: N(0, initializer_range), zero bias
+    nn.init.normal_(linear.weight, std=getattr(config, "initializer_range", 0.02))
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def _dropout(config) -> nn.Dropout:
+    p = getattr(config, "classifier_dropout", None)
+    return nn.Dropout(p if p is not None else getattr(config, "hidden_dropout_prob", 0.1))
+
+
+class SequenceHead(nn.Module):
+    """Pooled output -> dropout -> Linear(H, labels): transformers' BERT sequence classifier."""
+
+    kind = "seq"
+
+    def __init__(self, config, num_labels: int):
+        super().__init__()
+        self.dropout = _dropout(config)
+        self.classifier = _init_linear(nn.Linear(config.hidden_size, num_labels), config)
+
+    def forward(self, hidden, pooled):
+        return {"logits": self.classifier(self.dropout(pooled))}
+
+    def loss(self, out, labels):
+        return F.cross_entropy(out["logits"].float(), labels["labels"])
+
+
+class TokenHead(nn.Module):
+    """dropout -> Linear(H, labels) per token: transformers' BERT token classifier (-100 ignored)."""
+
+    kind = "token"
+
+    def __init__(self, config, num_labels: int):
+        super().__init__()
+        self.dropout = _dropout(config)
+        self.classifier = _init_linear(nn.Linear(config.hidden_size, num_labels), config)
+
+    def forward(self, hidden, pooled):
+        return {"logits": self.classifier(self.dropout(hidden))}
+
+    def loss(self, out, labels):
+        logits = out["logits"]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels["labels"].reshape(-1), ignore_index=-100)
+
+
+class SpanHead(nn.Module):
+    """Linear(H, 2) per token -> start and end logits: transformers' question-answering head."""
+
+    kind = "qa"
+
+    def __init__(self, config, num_labels: int = 2):
+        super().__init__()
+        self.qa_outputs = _init_linear(nn.Linear(config.hidden_size, 2), config)
+
+    def forward(self, hidden, pooled):
+        start, end = self.qa_outputs(hidden).split(1, dim=-1)
+        return {"start_logits": start.squeeze(-1).contiguous(), "end_logits": end.squeeze(-1).contiguous()}
+
+    def loss(self, out, labels):
+        # transformers' rule: positions outside the window are clamped to its length and ignored
+        n = out["start_logits"].shape[1]
+        s, e = labels["start_positions"].clamp(0, n), labels["end_positions"].clamp(0, n)
+        return (F.cross_entropy(out["start_logits"].float(), s, ignore_index=n) + F.cross_entropy(out["end_logits"].float(), e, ignore_index=n)) / 2
+
+
+HEADS = {h.kind: h for h in (SequenceHead, TokenHead, SpanHead)}
+_OUTPUTS = {"seq": SequenceClassifierOutput, "token": TokenClassifierOutput, "qa": QuestionAnsweringModelOutput}
+LABEL_KEYS = ("labels", "start_positions", "end_positions")
+
+
+def make_head(kind: str, config, task) -> nn.Module:
+    return HEADS[kind](config, len(task.labels) if task.labels is not None else 2)
+
+
+def _backbone_outputs(backbone, inputs: dict, prompt_ids):
+    extra = {"prompt_ids": prompt_ids} if prompt_ids is not None else {}
+    out = backbone(**{k: v for k, v in inputs.items() if k in MODEL_INPUTS}, **extra)
+    hidden = out.last_hidden_state
+    pooled = getattr(out, "pooler_output", None)
+    return hidden, pooled if pooled is not None else hidden[:, 0]
+
+
+class HeadedModel(nn.Module):
+    """One dataset's model: the shared backbone, this dataset's head and prompt id (None: the one
+    prompt). Called as transformers' task model is: inputs (and labels) -> its output class."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, prompt_id: int | None = None):
+        super().__init__()
+        self.backbone, self.head, self.prompt_id = backbone, head, prompt_id
+
+    def forward(self, **inputs):
+        ids = inputs["input_ids"]
+        prompt_ids = None if self.prompt_id is None else torch.full((ids.shape[0],), self.prompt_id, dtype=torch.long, device=ids.device)
+        out = self.head(*_backbone_outputs(self.backbone, inputs, prompt_ids))
+        labels = {k: inputs[k] for k in LABEL_KEYS if k in inputs}
+        loss = self.head.loss(out, labels) if labels else None
+        return _OUTPUTS[self.head.kind](loss=loss, **out)
+
+
+def pad_inputs(parts: list[dict], pad_id: int) -> dict:
+    """Model inputs of several encoded batches, right-padded to the longest, stacked in order."""
+    length = max(p["input_ids"].shape[1] for p in parts)
+    out = {}
+    for key in MODEL_INPUTS:
+        if not any(key in p for p in parts):
+            continue
+        fill = pad_id if key == "input_ids" else 0
+        rows = []
+        for p in parts:
+            t = p[key] if key in p else torch.zeros_like(p["input_ids"])
+            rows.append(F.pad(t, (0, length - t.shape[1]), value=fill))
+        out[key] = torch.cat(rows)
+    return out
+
+
+class MultiTaskModel(nn.Module):
+    """The patched backbone and one head per dataset; `bank`: the backbone holds one prompt per
+    dataset (prompt id = dataset index), else one prompt serves all."""
+
+    def __init__(self, backbone: nn.Module, heads: list[nn.Module], bank: bool, pad_id: int):
+        super().__init__()
+        self.backbone, self.heads, self.bank, self.pad_id = backbone, nn.ModuleList(heads), bank, pad_id
+
+    def view(self, d: int) -> HeadedModel:
+        return HeadedModel(self.backbone, self.heads[d], d if self.bank else None)
+
+    def forward(self, parts: list[tuple[int, dict]]):
+        """parts: (dataset, its encoded batch with labels). One backbone pass over all rows ->
+        (sum_d n_d/B * loss_d, [each part's head outputs, cut to its own length])."""
+        inputs = pad_inputs([p for _, p in parts], self.pad_id)
+        device = next(self.backbone.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        sizes = [p["input_ids"].shape[0] for _, p in parts]
+        total = sum(sizes)
+        prompt_ids = torch.cat([torch.full((n,), d, dtype=torch.long) for (d, _), n in zip(parts, sizes)]).to(device) if self.bank else None
+        hidden, pooled = _backbone_outputs(self.backbone, inputs, prompt_ids)
+        loss, outs, row = 0.0, [], 0
+        for (d, p), n in zip(parts, sizes):
+            length = p["input_ids"].shape[1]
+            out = self.heads[d](hidden[row : row + n, :length], pooled[row : row + n])
+            labels = {k: p[k].to(device) for k in LABEL_KEYS if k in p}
+            loss = loss + (n / total) * self.heads[d].loss(out, labels)
+            outs.append(out)
+            row += n
+        return loss, outs
+
+
+# ---------------------------------------------------------------- loading the backbone
+
+
+class Backbone:
+    """What `load_model` needs to load the model without a task head (AutoModel)."""
+
+    auto_class = "AutoModel"
+    float_modules = ("pooler",)
+
+    def __init__(self, tokenizer_kwargs: dict | None = None):
+        self.tokenizer_kwargs = tokenizer_kwargs or {}
+
+    def model_kwargs(self) -> dict:
+        return {}
+
+    def check_model(self, model, path: str) -> None:
+        from ..integration.architectures import spec_for
+
+        stacks = spec_for(model).stacks(model)
+        if model.config.is_encoder_decoder or not stacks or stacks[0].causal:
+            raise ModelLoadError(f"--model {path}: several --data (or --ensemble) train heads on an encoder's outputs (BERT, RoBERTa, "
+                                 f"DistilBERT); {type(model).__name__} is not one")
+
+
+def load_backbone(path: str, kinds: set[str], int8: bool, int4: bool, device):
+    """(tokenizers by task kind, the backbone): one model; each kind's tokenizer as its task loads it."""
+    tokenizers, model = {}, None
+    for kind in sorted(kinds):
+        if model is None:
+            tokenizers[kind], model = load_model(Backbone(TASKS[kind].tokenizer_kwargs), path, int8, int4, device)
+        else:
+            import transformers
+
+            from .model_loading import _where
+
+            where, extra = _where(path)
+            kw = {"gguf_file": extra["gguf_file"]} if extra else {}
+            tokenizers[kind] = transformers.AutoTokenizer.from_pretrained(where, **TASKS[kind].tokenizer_kwargs, **kw)
+            if tokenizers[kind].pad_token is None:
+                tokenizers[kind].pad_token = tokenizers[kind].eos_token
+    return tokenizers, model
+
+
+# ---------------------------------------------------------------- saving and loading one dataset
+
+
+def save_head(head: nn.Module, folder: Path) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    atomic_write(folder / HEAD_FILE, safetensors.torch.save(tensors))
+
+
+def load_head(kind: str, config, task, folder: Path) -> nn.Module:
+    head = make_head(kind, config, task)
+    f = folder / HEAD_FILE
+    try:
+        tensors = safetensors.torch.load(f.read_bytes())
+    except OSError:
+        raise PromptLoadError(f"{f}: no such file") from None
+    except Exception as e:  # safetensors' own error types
+        raise PromptLoadError(f"{f}: not a valid safetensors file ({e})") from None
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        raise PromptLoadError(f"{f}: tensors {sorted(got.items())} do not match the {kind} head {sorted(expected.items())}")
+    head.load_state_dict(tensors)
+    return head
+
+
+def multitask_folder(folder: Path, name: str | None, flag: str = "--task") -> Path:
+    """The folder of dataset `name` in a multi-task output (the only one when name is None)."""
+    info = read_json_object(folder / MULTITASK_FILE, "a directory written by a multi-task `fastprompt train`")
+    names = info.get("datasets")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise PromptLoadError(f"{folder / MULTITASK_FILE}: needs 'datasets', a list of names")
+    if name is None:
+        if len(names) > 1:
+            raise SettingsError(f"{flag}: {folder} holds {len(names)} datasets ({', '.join(names)}): pick one with {flag} NAME")
+        name = names[0]
+    if name not in names:
+        raise SettingsError(f"{flag} {name}: {folder} holds {', '.join(names)}")
+    return folder / name
+
+
+def load_headed(folder: Path, info: dict, task, model_path: str, device):
+    """(tokenizer, HeadedModel) for a dataset folder of a multi-task output, frozen, on device."""
+    from ..serialization import load_prompts
+
+    quantization = info.get("quantization")
+    tokenizers, backbone = load_backbone(model_path, {task.kind}, quantization == "int8", quantization == "int4", device)
+    try:
+        load_prompts(backbone, folder)
+        head = load_head(task.kind, backbone.config, task, folder).to(device)
+    except (PromptLoadError, ValueError) as e:
+        raise SettingsError(f"--prompts: {e}") from None
+    head.requires_grad_(False)
+    return tokenizers[task.kind], HeadedModel(backbone, head)
+
+
+def resolve_init_from(path: str) -> Path:
+    """--init-from: a folder with a saved prompt, or a multi-task output sharing one prompt."""
+    folder = Path(path)
+    if (folder / MULTITASK_FILE).is_file():
+        try:
+            info = read_json_object(folder / MULTITASK_FILE, "a multi-task output")
+        except PromptLoadError as e:
+            raise SettingsError(f"--init-from: {e}") from None
+        names = info.get("datasets") or []
+        if info.get("share") != "prompt" and len(names) != 1:
+            raise SettingsError(f"--init-from {path}: a --share none output holds one prompt per dataset ({', '.join(names)}): "
+                                f"pass --init-from {path}/NAME")
+        return folder / names[0]
+    if not (folder / "fastprompt.json").is_file():
+        raise SettingsError(f"--init-from {path}: no saved prompts there (fastprompt.json or {MULTITASK_FILE})")
+    return folder
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _score(metrics: dict, task) -> float:
+    """The selection metric on a 0-1 scale (QA's F1 is 0-100), so datasets average fairly."""
+    value = metrics[task.metric]
+    return value / 100 if task.kind == "qa" else value
+
+
+def check_settings(s) -> None:
+    """Multi-task / ensemble specific checks (SettingsError naming the flag)."""
+    if s.share not in SHARES:
+        raise SettingsError(f"--share must be one of {list(SHARES)}, got {s.share!r}")
+    parse_mix(s.mix)
+    for name in ONE_FILE_SETTINGS:
+        if getattr(s, name) is not None:
+            raise SettingsError(f"--{name.replace('_', '-')} applies to one --data; with several, each file's task and columns are inferred")
+    if s.resume is not None:
+        raise SettingsError("--resume: multi-task runs are not resumable (no checkpoints are written)")
+    if s.cache_lower_layers:
+        raise SettingsError("--cache-lower-layers is for single-dataset runs")
+    if s.init_from is not None:
+        raise SettingsError("--init-from starts a single-dataset run; a multi-task run starts from fresh prompts")
+
+
+def read_datasets(s) -> list[tuple[str, object]]:
+    """[(name, Task)] for every --data, read with its own --eval."""
+    out = []
+    for name, data, evalf in dataset_files(s.data, s.eval):
+        kind = infer_task(data)
+        if kind == "lm":
+            raise SettingsError(f"--data {data}: generation (lm) data cannot be mixed with other datasets; train it alone")
+        sub = copy.copy(s)
+        sub.data, sub.eval, sub.task = data, evalf, kind
+        out.append((name, TASKS[kind].read(sub)))
+    return out
+
+
+def train_multitask(settings) -> int:
+    """`fastprompt train` with several --data: one run, mixed batches, one head per dataset."""
+    from tqdm import tqdm
+
+    from .loop import _headline, peak_rss_mib
+
+    s = settings
+    s.check()
+    check_settings(s)
+    random.seed(s.seed)
+    torch.manual_seed(s.seed)
+    datasets = read_datasets(s)
+    device = pick_device(s.device)
+    model_path = s.model or default_model_path()
+    tokenizers, backbone = load_backbone(model_path, {t.kind for _, t in datasets}, s.int8, s.int4, device)
+    for name, task in datasets:
+        task.prepare(tokenizers[task.kind], s.max_length or task.default_max_length)
+        if not task.train_items:
+            raise SettingsError(f"--data {name}: no trainable examples")
+    bank = s.share == "none"
+    try:
+        patch(backbone, method=s.method, num_tokens=s.num_tokens, start_layer=s.start_layer, reparam=s.reparam,
+              checkpointing=s.checkpointing, init_text=s.init_text, prefix_init=s.prefix_init, tokenizer=tokenizers[datasets[0][1].kind],
+              num_tasks=len(datasets) if bank else 1)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+    torch.manual_seed(s.seed)
+    heads = [make_head(task.kind, backbone.config, task) for _, task in datasets]
+    pad_id = tokenizers[datasets[0][1].kind].pad_token_id or 0
+    model = MultiTaskModel(backbone, heads, bank, pad_id).to(device)
+    params = prompt_parameters(backbone) + list(model.heads.parameters())
+    n_trainable = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in backbone.parameters()) + sum(p.numel() for p in model.heads.parameters())
+    sizes = [len(t.train_items) for _, t in datasets]
+    weights = mix_weights(sizes, parse_mix(s.mix))
+    print(f"model {model_path}")
+    for (name, task), n, w in zip(datasets, sizes, weights):
+        labels = f", labels {task.labels}" if task.labels is not None else ""
+        print(f"data {name} ({task.kind}): {task.describe()}, {n} train {task.unit}, {len(task.eval_items)} eval, "
+              f"{100 * w:.1f}% of each batch{labels}")
+    print(f"multi-task, --share {s.share}: method {s.method}, P={prompt_config(backbone).num_tokens}, start_layer={s.start_layer}, "
+          f"{len(datasets)} heads: {n_trainable:,} trainable of {n_total:,} parameters")
+
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(sum(sizes) / s.batch_size)
+    total = min(s.steps or steps_per_epoch * s.epochs, steps_per_epoch * s.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(total, 1))
+    mixer = MixedBatches(sizes, weights, s.batch_size, random.Random(s.seed))
+    out_dir = Path(s.out)
+    quantization = "int8" if s.int8 else "int4" if s.int4 else None
+    has_eval = any(t.eval_items for _, t in datasets)
+    best, best_metrics, best_epoch, step, seen = -math.inf, None, 0, 0, 0
+    log = open(s.log, "a", encoding="utf-8") if s.log else None
+
+    def keep(predictions=None):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for d, (name, task) in enumerate(datasets):
+            folder = out_dir / name
+            save_prompts(backbone, folder, task=d if bank else None)
+            save_head(model.heads[d], folder)
+            write_json(folder / TASK_FILE, {"task": task.kind, "model": model_path, "max_length": task.max_length,
+                                            "quantization": quantization, "multitask": {"share": s.share, "dataset": name},
+                                            **task.settings()})
+            if predictions is not None and predictions[d] is not None:
+                task.write_predictions(folder / task.predictions_file, predictions[d])
+        write_json(out_dir / MULTITASK_FILE, {"datasets": [n for n, _ in datasets], "share": s.share, "mix": s.mix,
+                                              "model": model_path, "best_metrics": best_metrics})
+
+    def evaluate():
+        metrics, predictions = {}, []
+        for d, (name, task) in enumerate(datasets):
+            if not task.eval_items:
+                predictions.append(None)
+                continue
+            m, p = task.evaluate(model.view(d), tokenizers[task.kind])
+            metrics[name] = m
+            predictions.append(p)
+        return metrics, predictions
+
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    stopper = StopBetweenSteps(tqdm.write)
+    epoch = 0
+    try:
+        with stopper:
+            while step < total:
+                epoch += 1
+                for _ in range(steps_per_epoch):
+                    if step >= total:
+                        break
+                    parts = [(d, datasets[d][1].encode(tokenizers[datasets[d][1].kind], [datasets[d][1].train_items[i] for i in idx]))
+                             for d, idx in next(mixer)]
+                    loss, _ = model(parts)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    seen += s.batch_size
+                    if log is not None:
+                        log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}", mem=f"{peak_rss_mib():.0f}MiB")
+                    bar.update()
+                    stopper.check()
+                if has_eval:
+                    metrics, predictions = evaluate()
+                    for name, task in datasets:
+                        if name in metrics:
+                            tqdm.write(f"epoch {epoch}: {name} eval {_headline(metrics[name], task)}")
+                    score = sum(_score(metrics[n], t) for n, t in datasets if n in metrics) / len(metrics)
+                    if score > best:
+                        best, best_metrics, best_epoch = score, metrics, epoch
+                        keep(predictions)
+                stopper.check()
+    except (Stop, KeyboardInterrupt) as e:
+        bar.close()
+        keep()
+        print(f"\ninterrupted at step {step}: prompts and heads saved to {s.out} (multi-task runs do not resume)", file=sys.stderr)
+        return 143 if isinstance(e, Stop) and e.signum == signal.SIGTERM else 130
+    finally:
+        if log is not None:
+            log.close()
+    bar.close()
+    if not has_eval:
+        keep()
+    elapsed = time.perf_counter() - start
+    print("summary")
+    for name, task in datasets:
+        if best_metrics and name in best_metrics:
+            print(f"  {name:<15} eval {_headline(best_metrics[name], task)}")
+    if has_eval:
+        print(f"  best epoch      {best_epoch} (mean score {best:.3f}; prompts and heads saved from it)")
+    print(f"  trainable       {n_trainable:,} parameters ({100 * n_trainable / n_total:.2f}% of {n_total:,})")
+    print(f"  steps           {step} in {elapsed:.1f} s ({seen / elapsed:.0f} examples/s)")
+    print(f"  peak memory     {peak_rss_mib():.0f} MiB (process RSS)")
+    print(f"  saved           {out_dir.resolve()}")
+    return 0
+
+
+def is_multitask_output(folder: Path) -> bool:
+    return (folder / MULTITASK_FILE).is_file()
+
+
+__all__ = ["HeadedModel", "MixedBatches", "MultiTaskModel", "SequenceHead", "SpanHead", "TokenHead", "dataset_files", "load_headed",
+           "mix_weights", "parse_mix", "train_multitask"]

@@ -91,7 +91,7 @@ def dataset_files(data: list[str], evals: list[str] | None) -> list[tuple[str, s
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SettingsError(f"--data: two datasets are named {dupes[0]!r}: name them, e.g. --data NAME=PATH")
-    evals = list(evals or [])
+    evals = [evals] if isinstance(evals, str) else list(evals or [])
     matched: dict[str, str] = {}
     split = [split_name(v) for v in evals]
     if split and all(n is not None for n, _ in split):

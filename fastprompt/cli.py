@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                    "or none (a prompt bank: one prompt per dataset, trained together in mixed batches)")
     t.add_argument("--mix", help="several --data: how batches mix datasets: proportional (default, by size), temperature "
                    "(sizes^(1/2)) or temperature:T")
+    t.add_argument("--ensemble", type=int, metavar="K", help="train K prompts (and heads) for the task together from different "
+                   "initialisations; evaluation and predict combine them (majority vote; QA: mean span logits) in one batched pass")
     t.add_argument("--init-from", metavar="OUT", help="start the prompt from a saved one: a multi-task --out (shared prompt) "
                    "or one of its dataset folders OUT/NAME")
     t.add_argument("--task", choices=list(TASK_KINDS),

@@ -278,3 +278,106 @@ def test_predict_task_errors_name_the_flag(tmp_path, capsys, encoder, files):
     with pytest.raises(SystemExit) as e:  # a --share none output has no one prompt to start from
         cli.main(["train", "--model", encoder, "--data", str(files["ner"]), "--steps", "1", "--out", str(tmp_path / "s"), "--init-from", str(out)])
     assert e.value.code == 2 and "--init-from" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- ensembles (--ensemble K)
+
+
+def _ensemble(kind_index, k=3, seed=0):
+    """K prompts (a bank) and K heads of one task kind."""
+    torch.manual_seed(seed)
+    config = tf.BertConfig(**CONFIG)
+    backbone = tf.BertModel(config).eval()
+    fastprompt.patch(backbone, method="ptv2", num_tokens=3, num_tasks=k)
+    kind, _, _, n = KINDS[kind_index]
+    heads = [mt.make_head(kind, config, _Labels(n)) for _ in range(k)]
+    for h in heads:
+        with torch.no_grad():
+            for p in h.parameters():
+                p.normal_()
+    return mt.MultiTaskModel(backbone, heads, bank=True, pad_id=0).eval()
+
+
+@pytest.mark.parametrize("kind_index", [0, 1, 2], ids=["seq", "token", "qa"])
+def test_ensemble_pass_equals_each_members_own_model_and_combines_them(tmp_path, kind_index):
+    model = _ensemble(kind_index)
+    _, p = _parts()[kind_index]
+    inputs = {k: v for k, v in p.items() if k in mt.MODEL_INPUTS}
+    ens = mt.EnsembleModel(model.backbone, list(model.heads)).eval()
+    calls = []
+    ens.backbone.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        members = ens.members(inputs)
+        combined = ens(**inputs)
+    rows = inputs["input_ids"].shape[0]
+    assert calls == [3 * rows, 3 * rows]  # one batched pass per call: each example once per member
+    refs = []
+    for k in range(3):
+        ref = _member_model(model, k, kind_index, tmp_path / str(k))
+        with torch.no_grad():
+            o = ref(**inputs)
+        refs.append(_ref_outputs(o))
+        for got, want in zip(_outputs(members[k]), refs[-1]):
+            real = p["attention_mask"].bool() if want.dim() > 2 else torch.ones(want.shape[0], dtype=torch.bool)
+            torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    if kind_index == 2:  # spans: the mean of the members' start and end logits
+        torch.testing.assert_close(combined.start_logits, sum(r[0] for r in refs) / 3, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(combined.end_logits, sum(r[1] for r in refs) / 3, atol=2e-5, rtol=1e-4)
+    else:  # labels and tags: the majority of the members' argmax, counted here
+        votes = torch.stack([r[0].argmax(-1) for r in refs])
+        for idx in torch.cartesian_prod(*[torch.arange(s) for s in votes.shape[1:]]) if votes.dim() > 2 else torch.arange(rows)[:, None]:
+            picks = votes[(slice(None), *idx.tolist())].tolist()
+            top = max(picks.count(c) for c in set(picks))
+            assert picks.count(int(combined.logits[tuple(idx.tolist())].argmax())) == top
+
+
+def _member_model(model, k, kind_index, folder):
+    """transformers' task model for ensemble member k (its bank slot and its head)."""
+    kind, cls, head_name, n = KINDS[kind_index]
+    ref = cls(tf.BertConfig(**CONFIG, num_labels=n if kind != "qa" else 2)).eval()
+    state = {key: v for key, v in model.backbone.state_dict().items()
+             if not key.startswith("fastprompt") and not (key.startswith("pooler") and ref.bert.pooler is None)}
+    ref.bert.load_state_dict(state)
+    getattr(ref, head_name).load_state_dict(getattr(model.heads[k], head_name).state_dict())
+    fastprompt.save_prompts(model.backbone, folder, task=k)
+    fastprompt.load_prompts(ref, folder)
+    return ref
+
+
+def test_majority_vote_by_hand():
+    # 3 members, 2 examples, 3 classes: votes [2, 2, 0] -> class 2 wins 2 to 1; [0, 1, 2] -> a three-way tie
+    logits = torch.tensor([[[0.0, 0.0, 5.0], [9.0, 0.0, 0.0]],
+                           [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]],
+                           [[4.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
+    combined = mt.vote_logits(logits)
+    assert combined.argmax(-1).tolist() == [2, 0]  # the tie goes to the highest mean probability: member 0's confident class 0
+    torch.testing.assert_close(combined.softmax(-1)[0], torch.tensor([1 / 3, 0.0, 2 / 3]), atol=1e-3, rtol=0)
+
+
+def test_ensemble_members_train_as_their_own_runs(tmp_path):
+    """reduction "sum": each member's prompt gradient is its own model's gradient on the batch."""
+    model = _ensemble(0)
+    _, p = _parts(seed=5)[0]
+    loss, _ = model([(k, p) for k in range(3)], "sum")
+    loss.backward()
+    for k in range(3):
+        ref = _member_model(model, k, 0, tmp_path / str(k))
+        for q in fastprompt.prompt_parameters(ref):
+            q.requires_grad_(True)
+        ref(**p).loss.backward()
+        torch.testing.assert_close(model.backbone.fastprompt.prefix.grad[k], ref.fastprompt.prefix.grad[0], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(model.heads[k].classifier.weight.grad, ref.classifier.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_train_ensemble_then_predict_in_one_pass(tmp_path, capsys, encoder, files):
+    out = tmp_path / "ens"
+    code, text = _run(capsys, ["train", "--model", encoder, "--data", str(files["sent"]), "--eval", str(files["sent"]), "--ensemble", "3",
+                               "--steps", "3", "--epochs", "1", "--out", str(out)])
+    assert code == 0, text
+    assert "ensemble        eval accuracy" in text and all(f"member {k}        eval accuracy" in text for k in range(3)), text
+    info = json.loads((out / "multitask.json").read_text())
+    assert info["ensemble"] == 3 and len(info["member_metrics"]) == 3
+    again = tmp_path / "again.json"
+    code, text = _run(capsys, ["predict", "--prompts", str(out), "--data", str(files["sent"]), "--out", str(again)])
+    assert code == 0, text
+    assert [r["label"] for r in json.loads(again.read_text())] == json.loads((out / "sent" / "predictions.json").read_text())

@@ -62,13 +62,16 @@ def _resumed(settings: TrainSettings):
 
 
 def _several(settings: TrainSettings) -> bool:
-    """Several --data (a multi-task run); a one-element list is the single-dataset run."""
+    """Several --data (a multi-task run) or --ensemble K: the multi-task trainer; a one-element list
+    is the single-dataset run."""
     if isinstance(settings.data, (list, tuple)) and len(settings.data) > 1:
         return True
     for name in ("data", "eval"):
         value = getattr(settings, name)
         if isinstance(value, (list, tuple)) and len(value) == 1:
             setattr(settings, name, value[0])
+    if settings.ensemble > 1 and settings.resume is None:
+        return True
     if isinstance(settings.eval, (list, tuple)):
         raise SettingsError(f"--eval: {len(settings.eval)} eval files for one --data")
     return False

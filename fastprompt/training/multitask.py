@@ -286,9 +286,10 @@ class MultiTaskModel(nn.Module):
     def view(self, d: int) -> HeadedModel:
         return HeadedModel(self.backbone, self.heads[d], d if self.bank else None)
 
-    def forward(self, parts: list[tuple[int, dict]]):
+    def forward(self, parts: list[tuple[int, dict]], reduction: str = "mean"):
         """parts: (dataset, its encoded batch with labels). One backbone pass over all rows ->
-        (sum_d n_d/B * loss_d, [each part's head outputs, cut to its own length])."""
+        (sum_d n_d/B * loss_d, [each part's head outputs, cut to its own length]); reduction
+        "sum": sum_d loss_d (ensemble members: each member's gradient is its own run's)."""
         inputs = pad_inputs([p for _, p in parts], self.pad_id)
         device = next(self.backbone.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -301,10 +302,76 @@ class MultiTaskModel(nn.Module):
             length = p["input_ids"].shape[1]
             out = self.heads[d](hidden[row : row + n, :length], pooled[row : row + n])
             labels = {k: p[k].to(device) for k in LABEL_KEYS if k in p}
-            loss = loss + (n / total) * self.heads[d].loss(out, labels)
+            loss = loss + (n / total if reduction == "mean" else 1.0) * self.heads[d].loss(out, labels)
             outs.append(out)
             row += n
         return loss, outs
+
+
+class EnsembleModel(nn.Module):
+    """K prompts of one task (a bank) and K heads, applied in one batched pass: each example is
+    repeated once per member with prompt ids 0..K-1. Outputs combine the members as transformers'
+    task model's outputs: classification and tags by majority vote over the members' argmax (ties
+    to the highest mean probability; softmax of the returned logits is the vote share), QA spans by
+    the mean of the start and end logits. With `record` a list, each call appends the members'
+    own outputs (so member metrics come from the same pass)."""
+
+    def __init__(self, backbone: nn.Module, heads: list[nn.Module]):
+        super().__init__()
+        self.backbone, self.heads = backbone, nn.ModuleList(heads)
+        self.record: list | None = None
+
+    def members(self, inputs: dict) -> list[dict]:
+        k, b = len(self.heads), inputs["input_ids"].shape[0]
+        rep = {n: v.repeat(k, *[1] * (v.dim() - 1)) for n, v in inputs.items() if n in MODEL_INPUTS}
+        prompt_ids = torch.arange(k, device=inputs["input_ids"].device).repeat_interleave(b)
+        hidden, pooled = _backbone_outputs(self.backbone, rep, prompt_ids)
+        return [h(hidden[i * b : (i + 1) * b], pooled[i * b : (i + 1) * b]) for i, h in enumerate(self.heads)]
+
+    def forward(self, **inputs):
+        outs = self.members(inputs)
+        if self.record is not None:
+            self.record.append([{n: v.detach().cpu() for n, v in o.items()} for o in outs])
+        kind = self.heads[0].kind
+        if kind == "qa":
+            combined = {n: torch.stack([o[n] for o in outs]).float().mean(0) for n in ("start_logits", "end_logits")}
+        else:
+            combined = {"logits": vote_logits(torch.stack([o["logits"] for o in outs]))}
+        return _OUTPUTS[kind](**combined)
+
+
+def vote_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(K, ..., C) members' logits -> (..., C) logits whose argmax is the majority vote of the
+    members' argmax (ties: the highest mean probability) and whose softmax is the vote share."""
+    k, c = logits.shape[0], logits.shape[-1]
+    votes = F.one_hot(logits.argmax(-1), c).float().sum(0) / k
+    mean_prob = logits.float().softmax(-1).mean(0)
+    return torch.log(votes + 1e-4 * mean_prob)  # 1e-4 * p < 1/K: a tie-break only
+
+
+class Replay(nn.Module):
+    """Plays back one member's recorded outputs, batch by batch, as a model's outputs: its metrics
+    with the task's own evaluation code, without another pass."""
+
+    def __init__(self, outputs: list[dict], kind: str):
+        super().__init__()
+        self.outputs, self.kind = list(outputs), kind
+        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)  # where inputs are moved
+
+    def forward(self, **inputs):
+        return _OUTPUTS[self.kind](**self.outputs.pop(0))
+
+
+def evaluate_ensemble(task, model: EnsembleModel, tokenizer) -> tuple[dict, object, list[dict]]:
+    """(the ensemble's metrics, its predictions, each member's metrics) from one batched pass."""
+    model.record = []
+    try:
+        metrics, predictions = task.evaluate(model, tokenizer)
+        recorded = model.record
+    finally:
+        model.record = None
+    members = [task.evaluate(Replay([r[i] for r in recorded], model.heads[0].kind), tokenizer)[0] for i in range(len(model.heads))]
+    return metrics, predictions, members
 
 
 # ---------------------------------------------------------------- loading the backbone
@@ -353,13 +420,18 @@ def load_backbone(path: str, kinds: set[str], int8: bool, int4: bool, device):
 # ---------------------------------------------------------------- saving and loading one dataset
 
 
-def save_head(head: nn.Module, folder: Path) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+def save_heads(heads: list[nn.Module], folder: Path) -> None:
+    """One head's tensors by their names; an ensemble's K heads as "<member>.<name>"."""
+    tensors = {}
+    for i, head in enumerate(heads):
+        for k, v in head.state_dict().items():
+            tensors[k if len(heads) == 1 else f"{i}.{k}"] = v.detach().cpu().contiguous()
     atomic_write(folder / HEAD_FILE, safetensors.torch.save(tensors))
 
 
-def load_head(kind: str, config, task, folder: Path) -> nn.Module:
-    head = make_head(kind, config, task)
+def load_heads(kind: str, config, task, folder: Path, count: int = 1) -> list[nn.Module]:
+    """The `count` heads save_heads wrote, validated by name and shape."""
+    heads = [make_head(kind, config, task) for _ in range(count)]
     f = folder / HEAD_FILE
     try:
         tensors = safetensors.torch.load(f.read_bytes())
@@ -367,12 +439,13 @@ def load_head(kind: str, config, task, folder: Path) -> nn.Module:
         raise PromptLoadError(f"{f}: no such file") from None
     except Exception as e:  # safetensors' own error types
         raise PromptLoadError(f"{f}: not a valid safetensors file ({e})") from None
-    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    expected = {(k if count == 1 else f"{i}.{k}"): tuple(v.shape) for i, h in enumerate(heads) for k, v in h.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != expected:
-        raise PromptLoadError(f"{f}: tensors {sorted(got.items())} do not match the {kind} head {sorted(expected.items())}")
-    head.load_state_dict(tensors)
-    return head
+        raise PromptLoadError(f"{f}: tensors {sorted(got.items())} do not match {count} {kind} head(s) {sorted(expected.items())}")
+    for i, h in enumerate(heads):
+        h.load_state_dict({k: tensors[k if count == 1 else f"{i}.{k}"] for k in h.state_dict()})
+    return heads
 
 
 def multitask_folder(folder: Path, name: str | None, flag: str = "--task") -> Path:
@@ -391,18 +464,23 @@ def multitask_folder(folder: Path, name: str | None, flag: str = "--task") -> Pa
 
 
 def load_headed(folder: Path, info: dict, task, model_path: str, device):
-    """(tokenizer, HeadedModel) for a dataset folder of a multi-task output, frozen, on device."""
+    """(tokenizer, HeadedModel or EnsembleModel) for a dataset folder of a multi-task or ensemble
+    output, frozen, on device."""
     from ..serialization import load_prompts
 
     quantization = info.get("quantization")
     tokenizers, backbone = load_backbone(model_path, {task.kind}, quantization == "int8", quantization == "int4", device)
+    members = (info.get("multitask") or {}).get("ensemble") or 1
     try:
         load_prompts(backbone, folder)
-        head = load_head(task.kind, backbone.config, task, folder).to(device)
+        heads = load_heads(task.kind, backbone.config, task, folder, members)
     except (PromptLoadError, ValueError) as e:
         raise SettingsError(f"--prompts: {e}") from None
-    head.requires_grad_(False)
-    return tokenizers[task.kind], HeadedModel(backbone, head)
+    for h in heads:
+        h.to(device).requires_grad_(False)
+    # an ensemble: every example once per member, in one batched pass, combined
+    model = EnsembleModel(backbone, heads) if members > 1 else HeadedModel(backbone, heads[0])
+    return tokenizers[task.kind], model
 
 
 def resolve_init_from(path: str) -> Path:
@@ -414,6 +492,8 @@ def resolve_init_from(path: str) -> Path:
         except PromptLoadError as e:
             raise SettingsError(f"--init-from: {e}") from None
         names = info.get("datasets") or []
+        if info.get("ensemble", 1) > 1:
+            raise SettingsError(f"--init-from {path}: an ensemble holds {info['ensemble']} prompts, not one to start from")
         if info.get("share") != "prompt" and len(names) != 1:
             raise SettingsError(f"--init-from {path}: a --share none output holds one prompt per dataset ({', '.join(names)}): "
                                 f"pass --init-from {path}/NAME")
@@ -432,24 +512,35 @@ def _score(metrics: dict, task) -> float:
     return value / 100 if task.kind == "qa" else value
 
 
-def check_settings(s) -> None:
+def check_settings(s, several: bool) -> None:
     """Multi-task / ensemble specific checks (SettingsError naming the flag)."""
     if s.share not in SHARES:
         raise SettingsError(f"--share must be one of {list(SHARES)}, got {s.share!r}")
     parse_mix(s.mix)
-    for name in ONE_FILE_SETTINGS:
-        if getattr(s, name) is not None:
-            raise SettingsError(f"--{name.replace('_', '-')} applies to one --data; with several, each file's task and columns are inferred")
+    if several:
+        for name in ONE_FILE_SETTINGS:
+            if getattr(s, name) is not None:
+                raise SettingsError(f"--{name.replace('_', '-')} applies to one --data; with several, each file's task and columns are inferred")
+        if s.ensemble > 1:
+            raise SettingsError("--ensemble trains K prompts for one --data; with several --data use --share none")
+    what = "multi-task" if several else "--ensemble"
     if s.resume is not None:
-        raise SettingsError("--resume: multi-task runs are not resumable (no checkpoints are written)")
+        raise SettingsError(f"--resume: {what} runs are not resumable (no checkpoints are written)")
     if s.cache_lower_layers:
-        raise SettingsError("--cache-lower-layers is for single-dataset runs")
+        raise SettingsError(f"--cache-lower-layers is for single-prompt runs, not {what} ones")
     if s.init_from is not None:
-        raise SettingsError("--init-from starts a single-dataset run; a multi-task run starts from fresh prompts")
+        raise SettingsError(f"--init-from starts a single-prompt run; a {what} run starts from fresh prompts")
 
 
-def read_datasets(s) -> list[tuple[str, object]]:
-    """[(name, Task)] for every --data, read with its own --eval."""
+def read_datasets(s, several: bool) -> list[tuple[str, object]]:
+    """[(name, Task)] for every --data, read with its own --eval (an ensemble: its one --data)."""
+    if not several:
+        kind = s.task or infer_task(s.data, s.target_column)
+        if kind == "lm":
+            raise SettingsError("--ensemble: generation (lm) is not ensembled; ensembles are for classification, tagging and QA")
+        sub = copy.copy(s)
+        sub.task = kind
+        return [(default_name(s.data) if s.data else "sentiment", TASKS[kind].read(sub))]
     out = []
     for name, data, evalf in dataset_files(s.data, s.eval):
         kind = infer_task(data)
@@ -462,17 +553,21 @@ def read_datasets(s) -> list[tuple[str, object]]:
 
 
 def train_multitask(settings) -> int:
-    """`fastprompt train` with several --data: one run, mixed batches, one head per dataset."""
+    """`fastprompt train` with several --data (one run, mixed batches, one head per dataset) or
+    with --ensemble K (one dataset, K prompts and heads trained together, every example once per
+    member in each batch)."""
     from tqdm import tqdm
 
     from .loop import _headline, peak_rss_mib
 
     s = settings
     s.check()
-    check_settings(s)
+    several = isinstance(s.data, (list, tuple))
+    check_settings(s, several)
     random.seed(s.seed)
     torch.manual_seed(s.seed)
-    datasets = read_datasets(s)
+    datasets = read_datasets(s, several)
+    members = 1 if several else s.ensemble
     device = pick_device(s.device)
     model_path = s.model or default_model_path()
     tokenizers, backbone = load_backbone(model_path, {t.kind for _, t in datasets}, s.int8, s.int4, device)
@@ -480,15 +575,16 @@ def train_multitask(settings) -> int:
         task.prepare(tokenizers[task.kind], s.max_length or task.default_max_length)
         if not task.train_items:
             raise SettingsError(f"--data {name}: no trainable examples")
-    bank = s.share == "none"
+    bank = members > 1 or s.share == "none"
     try:
         patch(backbone, method=s.method, num_tokens=s.num_tokens, start_layer=s.start_layer, reparam=s.reparam,
               checkpointing=s.checkpointing, init_text=s.init_text, prefix_init=s.prefix_init, tokenizer=tokenizers[datasets[0][1].kind],
-              num_tasks=len(datasets) if bank else 1)
+              num_tasks=members if members > 1 else len(datasets) if bank else 1)
     except ValueError as e:
         raise SettingsError(str(e)) from None
     torch.manual_seed(s.seed)
-    heads = [make_head(task.kind, backbone.config, task) for _, task in datasets]
+    # an ensemble's members start from different draws: K heads here, K bank slots in patch
+    heads = [make_head(task.kind, backbone.config, task) for _, task in datasets for _ in range(members)]
     pad_id = tokenizers[datasets[0][1].kind].pad_token_id or 0
     model = MultiTaskModel(backbone, heads, bank, pad_id).to(device)
     params = prompt_parameters(backbone) + list(model.heads.parameters())
@@ -499,10 +595,11 @@ def train_multitask(settings) -> int:
     print(f"model {model_path}")
     for (name, task), n, w in zip(datasets, sizes, weights):
         labels = f", labels {task.labels}" if task.labels is not None else ""
-        print(f"data {name} ({task.kind}): {task.describe()}, {n} train {task.unit}, {len(task.eval_items)} eval, "
-              f"{100 * w:.1f}% of each batch{labels}")
-    print(f"multi-task, --share {s.share}: method {s.method}, P={prompt_config(backbone).num_tokens}, start_layer={s.start_layer}, "
-          f"{len(datasets)} heads: {n_trainable:,} trainable of {n_total:,} parameters")
+        share = f", {100 * w:.1f}% of each batch" if several else ""
+        print(f"data {name} ({task.kind}): {task.describe()}, {n} train {task.unit}, {len(task.eval_items)} eval{share}{labels}")
+    what = f"multi-task, --share {s.share}" if several else f"ensemble of {members} prompts (a bank, each example once per member)"
+    print(f"{what}: method {s.method}, P={prompt_config(backbone).num_tokens}, start_layer={s.start_layer}, "
+          f"{len(heads)} heads: {n_trainable:,} trainable of {n_total:,} parameters")
 
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(sum(sizes) / s.batch_size)
@@ -512,33 +609,48 @@ def train_multitask(settings) -> int:
     out_dir = Path(s.out)
     quantization = "int8" if s.int8 else "int4" if s.int4 else None
     has_eval = any(t.eval_items for _, t in datasets)
-    best, best_metrics, best_epoch, step, seen = -math.inf, None, 0, 0, 0
+    best, best_metrics, best_members, best_epoch, step, seen = -math.inf, None, None, 0, 0, 0
     log = open(s.log, "a", encoding="utf-8") if s.log else None
+    ensemble = EnsembleModel(backbone, list(model.heads)) if members > 1 else None
 
     def keep(predictions=None):
         out_dir.mkdir(parents=True, exist_ok=True)
         for d, (name, task) in enumerate(datasets):
             folder = out_dir / name
-            save_prompts(backbone, folder, task=d if bank else None)
-            save_head(model.heads[d], folder)
+            save_prompts(backbone, folder, task=d if bank and members == 1 else None)
+            save_heads(list(model.heads)[d * members : (d + 1) * members], folder)
+            extra = {"share": s.share} if several else {"ensemble": members}
             write_json(folder / TASK_FILE, {"task": task.kind, "model": model_path, "max_length": task.max_length,
-                                            "quantization": quantization, "multitask": {"share": s.share, "dataset": name},
-                                            **task.settings()})
+                                            "quantization": quantization, "multitask": {**extra, "dataset": name}, **task.settings()})
             if predictions is not None and predictions[d] is not None:
                 task.write_predictions(folder / task.predictions_file, predictions[d])
-        write_json(out_dir / MULTITASK_FILE, {"datasets": [n for n, _ in datasets], "share": s.share, "mix": s.mix,
-                                              "model": model_path, "best_metrics": best_metrics})
+        summary = {"datasets": [n for n, _ in datasets], "share": s.share if several else "ensemble", "ensemble": members,
+                   "mix": s.mix, "model": model_path, "best_metrics": best_metrics}
+        if best_members is not None:
+            summary["member_metrics"] = best_members
+        write_json(out_dir / MULTITASK_FILE, summary)
 
     def evaluate():
-        metrics, predictions = {}, []
+        metrics, predictions, member_metrics = {}, [], None
         for d, (name, task) in enumerate(datasets):
             if not task.eval_items:
                 predictions.append(None)
                 continue
-            m, p = task.evaluate(model.view(d), tokenizers[task.kind])
+            if ensemble is not None:
+                m, p, member_metrics = evaluate_ensemble(task, ensemble, tokenizers[task.kind])
+            else:
+                m, p = task.evaluate(model.view(d), tokenizers[task.kind])
             metrics[name] = m
             predictions.append(p)
-        return metrics, predictions
+        return metrics, predictions, member_metrics
+
+    def batch_parts():
+        picked = next(mixer)
+        parts = [(d, datasets[d][1].encode(tokenizers[datasets[d][1].kind], [datasets[d][1].train_items[i] for i in idx]))
+                 for d, idx in picked]
+        if members > 1:  # every example once per member: each member trains on the whole batch
+            return [(k, parts[0][1]) for k in range(members)], "sum"
+        return parts, "mean"
 
     start = time.perf_counter()
     model.train()
@@ -552,9 +664,8 @@ def train_multitask(settings) -> int:
                 for _ in range(steps_per_epoch):
                     if step >= total:
                         break
-                    parts = [(d, datasets[d][1].encode(tokenizers[datasets[d][1].kind], [datasets[d][1].train_items[i] for i in idx]))
-                             for d, idx in next(mixer)]
-                    loss, _ = model(parts)
+                    parts, reduction = batch_parts()
+                    loss, _ = model(parts, reduction)
                     loss.backward()
                     opt.step()
                     sched.step()
@@ -568,19 +679,21 @@ def train_multitask(settings) -> int:
                     bar.update()
                     stopper.check()
                 if has_eval:
-                    metrics, predictions = evaluate()
+                    metrics, predictions, member_metrics = evaluate()
                     for name, task in datasets:
                         if name in metrics:
                             tqdm.write(f"epoch {epoch}: {name} eval {_headline(metrics[name], task)}")
+                    for k, m in enumerate(member_metrics or []):
+                        tqdm.write(f"epoch {epoch}:   member {k} eval {_headline(m, datasets[0][1])}")
                     score = sum(_score(metrics[n], t) for n, t in datasets if n in metrics) / len(metrics)
                     if score > best:
-                        best, best_metrics, best_epoch = score, metrics, epoch
+                        best, best_metrics, best_members, best_epoch = score, metrics, member_metrics, epoch
                         keep(predictions)
                 stopper.check()
     except (Stop, KeyboardInterrupt) as e:
         bar.close()
         keep()
-        print(f"\ninterrupted at step {step}: prompts and heads saved to {s.out} (multi-task runs do not resume)", file=sys.stderr)
+        print(f"\ninterrupted at step {step}: prompts and heads saved to {s.out} (these runs do not resume)", file=sys.stderr)
         return 143 if isinstance(e, Stop) and e.signum == signal.SIGTERM else 130
     finally:
         if log is not None:
@@ -592,7 +705,10 @@ def train_multitask(settings) -> int:
     print("summary")
     for name, task in datasets:
         if best_metrics and name in best_metrics:
-            print(f"  {name:<15} eval {_headline(best_metrics[name], task)}")
+            label = "ensemble" if members > 1 else name
+            print(f"  {label:<15} eval {_headline(best_metrics[name], task)}")
+    for k, m in enumerate(best_members or []):
+        print(f"  {f'member {k}':<15} eval {_headline(m, datasets[0][1])}")
     if has_eval:
         print(f"  best epoch      {best_epoch} (mean score {best:.3f}; prompts and heads saved from it)")
     print(f"  trainable       {n_trainable:,} parameters ({100 * n_trainable / n_total:.2f}% of {n_total:,})")

@@ -65,6 +65,7 @@ class TrainSettings:
     log: str | None = None
     share: str = "prompt"  # several --data: "prompt" (one prompt, a head per dataset) or "none" (a prompt per dataset)
     mix: str = "proportional"  # several --data: "proportional", "temperature" or "temperature:T" sampling of datasets
+    ensemble: int = 1  # K > 1: K prompts (and heads) for one --data, trained together, combined at evaluation
     init_from: str | None = None  # start the prompt from a saved one (a multi-task output sharing one prompt, or OUT/NAME)
 
     def check(self) -> None:
@@ -75,7 +76,7 @@ class TrainSettings:
             raise SettingsError(f"--method must be one of {list(METHOD_NAMES)}, got {self.method!r}")
         if self.prefix_init not in PREFIX_INITS:
             raise SettingsError(f"--prefix-init must be one of {list(PREFIX_INITS)}, got {self.prefix_init!r}")
-        for name in ("epochs", "batch_size", "max_answer_length", "num_beams"):
+        for name in ("epochs", "batch_size", "max_answer_length", "num_beams", "ensemble"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("num_tokens", "steps", "max_length", "doc_stride", "max_new_tokens"):

@@ -55,7 +55,7 @@ def _subset(name: str, src: Path, rows: int, folder: Path) -> Path:
     return dst
 
 
-def run(argv: list[str]) -> dict:
+def run(argv: list[str], keep_text: bool = False) -> dict:
     """One `fastprompt train` in its own process: its summary's metrics, wall seconds, peak RSS."""
     cmd = [sys.executable, "-m", "fastprompt.cli", "train", *argv]
     t = time.perf_counter()
@@ -75,7 +75,10 @@ def run(argv: list[str]) -> dict:
         if m:
             name = line.split()[0] if not line.strip().startswith("eval") else "_"
             metrics[name] = float(m.group(2))
-    return {"metrics": metrics, "wall_s": round(time.perf_counter() - t, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+    # CPU seconds (user + system, all threads) as well as wall: this machine's cores are shared, so wall time varies with the load
+    row = {"metrics": metrics, "wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+           "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+    return {**row, "text": text} if keep_text else row
 
 
 def main(argv=None) -> int:

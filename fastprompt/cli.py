@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(sizes^(1/2)) or temperature:T")
     t.add_argument("--ensemble", type=int, metavar="K", help="train K prompts (and heads) for the task together from different "
                    "initialisations; evaluation and predict combine them (majority vote; QA: mean span logits) in one batched pass")
+    t.add_argument("--sweep", action="store_true", help="train each prompt length in --sweep-tokens with each learning rate in "
+                   "--sweep-lrs for --steps steps; print and write (OUT/sweep.json) one table; save the best as OUT")
+    t.add_argument("--sweep-tokens", metavar="P,P,...", help="--sweep: prompt lengths (default 8,16,32)")
+    t.add_argument("--sweep-lrs", metavar="LR,LR,...", help="--sweep: learning rates (default 5e-3,1e-2,2e-2)")
     t.add_argument("--init-from", metavar="OUT", help="start the prompt from a saved one: a multi-task --out (shared prompt) "
                    "or one of its dataset folders OUT/NAME")
     t.add_argument("--task", choices=list(TASK_KINDS),

@@ -21,8 +21,9 @@ from .. import cache_lower_layers, load_prompts, patch, prompt_config, prompt_pa
 from ..storage import PromptLoadError
 from .errors import SettingsError
 from .model_loading import default_model_path, load_model, pick_device
-from .settings import RUN_SETTINGS, TrainSettings
+from .settings import RUN_SETTINGS, TrainSettings, flag
 from .signals import Stop, StopBetweenSteps
+from .sweep import run_sweep
 from .tasks import TASKS, infer_task, to_device, write_json
 from .train_state import load_checkpoint, read_checkpoint, save_checkpoint
 
@@ -71,7 +72,16 @@ def _several(settings: TrainSettings) -> bool:
         if isinstance(value, (list, tuple)) and len(value) == 1:
             setattr(settings, name, value[0])
     if settings.ensemble > 1 and settings.resume is None:
+        if settings.sweep:
+            raise SettingsError("--sweep tries prompt lengths and learning rates for one prompt; --ensemble trains K: use one")
         return True
+    if settings.sweep:
+        for name, bad in (("resume", settings.resume is not None), ("init_from", settings.init_from is not None),
+                          ("cache_lower_layers", settings.cache_lower_layers), ("num_tokens", settings.num_tokens is not None)):
+            if bad:
+                why = "(--sweep uses the cache itself with --start-layer > 0)" if name == "cache_lower_layers" else \
+                    "(--sweep-tokens gives the lengths)" if name == "num_tokens" else "(a sweep starts every configuration afresh)"
+                raise SettingsError(f"{flag(name)} does not apply to --sweep {why}")
     if isinstance(settings.eval, (list, tuple)):
         raise SettingsError(f"--eval: {len(settings.eval)} eval files for one --data")
     return False
@@ -103,6 +113,10 @@ def train(settings: TrainSettings) -> int:
     train_set, eval_set = task.train_items, task.eval_items
     if not train_set:
         raise SettingsError(f"--data {args.data}: no trainable examples")
+    if args.sweep:
+        quantization = "int8" if args.int8 else "int4" if args.int4 else None
+        return run_sweep(args, task, tokenizer, model, {"task": args.task, "model": model_path, "max_length": args.max_length,
+                                                         "quantization": quantization, **task.settings()})
     try:
         patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=args.start_layer, reparam=args.reparam,
               checkpointing=args.checkpointing, init_text=args.init_text, prefix_init=args.prefix_init, tokenizer=tokenizer)

@@ -523,6 +523,8 @@ def check_settings(s, several: bool) -> None:
                 raise SettingsError(f"--{name.replace('_', '-')} applies to one --data; with several, each file's task and columns are inferred")
         if s.ensemble > 1:
             raise SettingsError("--ensemble trains K prompts for one --data; with several --data use --share none")
+    if several and s.sweep:
+        raise SettingsError("--sweep tries prompt lengths and learning rates for one --data")
     what = "multi-task" if several else "--ensemble"
     if s.resume is not None:
         raise SettingsError(f"--resume: {what} runs are not resumable (no checkpoints are written)")

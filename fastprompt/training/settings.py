@@ -66,6 +66,9 @@ class TrainSettings:
     share: str = "prompt"  # several --data: "prompt" (one prompt, a head per dataset) or "none" (a prompt per dataset)
     mix: str = "proportional"  # several --data: "proportional", "temperature" or "temperature:T" sampling of datasets
     ensemble: int = 1  # K > 1: K prompts (and heads) for one --data, trained together, combined at evaluation
+    sweep: bool = False  # train every (P, lr) of the grid below for --steps steps; the best becomes OUT
+    sweep_tokens: str = "8,16,32"
+    sweep_lrs: str = "5e-3,1e-2,2e-2"
     init_from: str | None = None  # start the prompt from a saved one (a multi-task output sharing one prompt, or OUT/NAME)
 
     def check(self) -> None:

@@ -250,7 +250,7 @@ def test_init_from_starts_a_single_run_from_the_shared_prompt(tmp_path, capsys, 
         (["--share", "all"], "argument --share: invalid choice"),
         (["--text-column", "sentence"], "--text-column applies to one --data"),
         (["--data", "{lm}"], "generation (lm) data cannot be mixed"),
-        (["--init-from", "{sent}"], "--init-from starts a single-dataset run"),
+        (["--init-from", "{sent}"], "--init-from starts a single-prompt run"),
     ],
 )
 def test_bad_multitask_input_exits_2_naming_the_flag(tmp_path, capsys, encoder, files, extra, message):
@@ -265,6 +265,13 @@ def test_bad_multitask_input_exits_2_naming_the_flag(tmp_path, capsys, encoder, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()[-1]) > 0
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--share", "none"), ("--mix", "temperature")])
+def test_multitask_flags_on_one_dataset_exit_2(tmp_path, capsys, encoder, files, flag, value):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", encoder, "--data", str(files["sent"]), "--steps", "1", "--out", str(tmp_path / "o"), flag, value])
+    assert e.value.code == 2 and f"{flag} applies to several --data" in capsys.readouterr().err
 
 
 def test_predict_task_errors_name_the_flag(tmp_path, capsys, encoder, files):

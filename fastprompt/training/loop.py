@@ -71,6 +71,9 @@ def _several(settings: TrainSettings) -> bool:
         value = getattr(settings, name)
         if isinstance(value, (list, tuple)) and len(value) == 1:
             setattr(settings, name, value[0])
+    if settings.mix != "proportional" or (settings.share != "prompt" and settings.ensemble == 1):
+        name = "--mix" if settings.mix != "proportional" else "--share"
+        raise SettingsError(f"{name} applies to several --data (a multi-task run)")
     if settings.ensemble > 1 and settings.resume is None:
         if settings.sweep:
             raise SettingsError("--sweep tries prompt lengths and learning rates for one prompt; --ensemble trains K: use one")

@@ -376,15 +376,20 @@ def test_ensemble_members_train_as_their_own_runs(tmp_path):
         torch.testing.assert_close(model.heads[k].classifier.weight.grad, ref.classifier.weight.grad, atol=1e-6, rtol=1e-4)
 
 
-def test_train_ensemble_then_predict_in_one_pass(tmp_path, capsys, encoder, files):
+@pytest.mark.parametrize("name", ["sent", "ner", "qa"])
+def test_train_ensemble_then_predict_in_one_pass(tmp_path, capsys, encoder, files, name):
     out = tmp_path / "ens"
-    code, text = _run(capsys, ["train", "--model", encoder, "--data", str(files["sent"]), "--eval", str(files["sent"]), "--ensemble", "3",
+    data = str(files[name])
+    code, text = _run(capsys, ["train", "--model", encoder, "--data", data, "--eval", data, "--ensemble", "3", "--max-length", "48",
                                "--steps", "3", "--epochs", "1", "--out", str(out)])
     assert code == 0, text
-    assert "ensemble        eval accuracy" in text and all(f"member {k}        eval accuracy" in text for k in range(3)), text
+    assert "ensemble        eval " in text and all(f"member {k}        eval " in text for k in range(3)), text
     info = json.loads((out / "multitask.json").read_text())
     assert info["ensemble"] == 3 and len(info["member_metrics"]) == 3
+    folder = out / info["datasets"][0]
     again = tmp_path / "again.json"
-    code, text = _run(capsys, ["predict", "--prompts", str(out), "--data", str(files["sent"]), "--out", str(again)])
+    code, text = _run(capsys, ["predict", "--prompts", str(out), "--data", data, "--out", str(again)])
     assert code == 0, text
-    assert [r["label"] for r in json.loads(again.read_text())] == json.loads((out / "sent" / "predictions.json").read_text())
+    got = json.loads(again.read_text())
+    got = {"sent": lambda: [r["label"] for r in got], "ner": lambda: [r["tags"] for r in got], "qa": lambda: got}[name]()
+    assert got == json.loads((folder / "predictions.json").read_text())

@@ -27,6 +27,13 @@ dataset holding that dataset's prompt as a single-task save (the shared prompt, 
 its head (`head.safetensors`), `task.json` and the best evaluation's predictions: `fastprompt
 predict --prompts OUT --task NAME` (or `--prompts OUT/NAME`) applies one, and `fastprompt train
 --init-from OUT` starts a single-task run from the shared prompt.
+
+Prompt ensembles (`--ensemble K`, one dataset) reuse the same parts: a bank of K prompts and K
+heads of the task, every example once per member in each training batch (the loss is the members'
+sum, so each member's gradient is its own run's), and `EnsembleModel` for evaluation and
+prediction: each example repeated K times with prompt ids 0..K-1 in one batched pass, combined by
+majority vote (labels, tags) or mean span logits (QA); `Replay` scores each member from the same
+pass with the task's own evaluation code.
 """
 
 from __future__ import annotations

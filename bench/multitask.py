@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eval-rows", type=int, default=400, help="eval rows (CoNLL sentences) per dataset; 0: the whole dev split")
+    ap.add_argument("--mix", default="proportional", help="the multi-task rows' --mix")
+    ap.add_argument("--multi-only", action="store_true", help="only the two multi-task rows (the single rows of another JSON apply)")
     ap.add_argument("--out", default=str(HERE / "results" / "multitask.json"))
     args = ap.parse_args(argv)
     for train, dev in FILES.values():
@@ -106,15 +108,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         evals = {n: _subset(n, DATA / dev, args.eval_rows, tmp) for n, (_, dev) in FILES.items()}
-        for name, (train, _) in FILES.items():
+        for name, (train, _) in FILES.items() if not args.multi_only else []:
             r = run(["--data", str(DATA / train), "--eval", str(evals[name]), "--out", str(tmp / f"single-{name}"), *common])
             record({"row": f"single {name}", "metric": r["metrics"]["_"], **r})
-        multi = []
+        multi = ["--mix", args.mix]
         for name, (train, _) in FILES.items():
             multi += ["--data", f"{name}={DATA / train}", "--eval", f"{name}={evals[name]}"]
         for share in ("prompt", "none"):
             r = run([*multi, "--share", share, "--out", str(tmp / f"multi-{share}"), *common])
-            record({"row": f"multi-task --share {share}", **r})
+            record({"row": f"multi-task --share {share} --mix {args.mix}", **r})
+        if args.multi_only:
+            return 0
         r = run(["--data", str(DATA / FILES["conll"][0]), "--eval", str(evals["conll"]), "--init-from", str(tmp / "multi-prompt"),
                  "--out", str(tmp / "transfer-conll"), *common])
         record({"row": "conll from the --share prompt run's prompt (--init-from)", "metric": r["metrics"]["_"], **r})

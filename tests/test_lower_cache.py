@@ -81,3 +81,28 @@ def test_cache_errors():
     model = fastprompt.patch(tiny_model("llama"), start_layer=1)
     with pytest.raises(ValueError, match="cache_lower_layers\\(model\\) first"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long), example_ids=torch.tensor([0]))
+
+
+def test_adopt_carries_stored_states_between_caches(tmp_path):
+    """LowerLayerCache.adopt (a sweep hands one configuration's cache to the next): every stored
+    example reads back as it was put, from memory into a file and from a file into memory."""
+    from fastprompt.integration.lower_cache import LowerLayerCache
+
+    hidden = torch.randn(3, 5, 4)
+    real = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    ids = torch.tensor([7, 2, 9])
+    expected = torch.where(real[..., None], hidden, torch.zeros(()))  # the real rows in place, zeros elsewhere
+    first = LowerLayerCache(4, torch.float32)
+    first.put(ids, hidden, real)
+    on_disk = LowerLayerCache(4, torch.float32, tmp_path / "cache.bin")
+    on_disk.adopt(first)
+    back = LowerLayerCache(4, torch.float32)
+    back.adopt(on_disk)
+    for cache in (on_disk, back):
+        assert len(cache) == 3 and cache.has_all(ids)
+        torch.testing.assert_close(cache.get(ids, real, hidden), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="other must be a LowerLayerCache of hidden 4"):
+        back.adopt(LowerLayerCache(8, torch.float32))
+    on_disk.close()
+    with pytest.raises(ValueError, match="closed"):
+        back.adopt(on_disk)

@@ -53,37 +53,60 @@ class LowerLayerCache:
         """ids (B,), hidden (B, T, H), real (B, T) bool: stores each example's real-token rows."""
         hs = hidden.detach().to(device="cpu", dtype=self.dtype)
         real = real.cpu()
-        for b, i in enumerate(ids.tolist()):
-            rows = hs[b][real[b]].contiguous()
-            if self.path is None:
-                self.memory[i] = rows
-                continue
+        self._write({i: hs[b][real[b]].contiguous() for b, i in enumerate(ids.tolist())})
+        self.misses += len(ids)
+
+    def _write(self, rows_by_id: dict[int, torch.Tensor]) -> None:
+        """Stores (n_i, H) rows per example id, in memory or appended to the file."""
+        if self.path is None:
+            self.memory.update(rows_by_id)
+            return
+        for i, rows in rows_by_id.items():
             self._file.seek(0, os.SEEK_END)
             offset = self._file.tell() // self._elem
             self._file.write(rows.view(torch.uint8).numpy().tobytes() if rows.numel() else b"")
             self.index[i] = (offset, rows.shape[0])
-        if self.path is not None:
-            self._file.flush()
-            self._map = None  # the file grew: map it again on the next read
-        self.misses += len(ids)
+        self._file.flush()
+        self._map = None  # the file grew: map it again on the next read
+
+    def _read(self, i: int) -> torch.Tensor:
+        """Example i's (n, H) rows from the file (a view of the read-only map)."""
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        offset, n = self.index[i]
+        with warnings.catch_warnings():  # a read-only map: the rows are only read (and copied by the caller)
+            warnings.simplefilter("ignore", UserWarning)
+            rows = torch.frombuffer(self._map, dtype=self.dtype, count=n * self.hidden, offset=offset * self._elem)
+        return rows.view(n, self.hidden)
 
     def get(self, ids: torch.Tensor, real: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The stored states for ids, placed at real (B, T) positions; (B, T, H) like `like`."""
         out = torch.zeros(*real.shape, self.hidden, dtype=like.dtype, device=like.device)
-        if self.path is not None and self._map is None:
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         for b, i in enumerate(ids.tolist()):
-            if self.path is None:
-                rows = self.memory[i]
-            else:
-                offset, n = self.index[i]
-                with warnings.catch_warnings():  # a read-only map: the rows are only read (and copied below)
-                    warnings.simplefilter("ignore", UserWarning)
-                    rows = torch.frombuffer(self._map, dtype=self.dtype, count=n * self.hidden, offset=offset * self._elem)
-                rows = rows.view(n, self.hidden)
+            rows = self.memory[i] if self.path is None else self._read(i)
             out[b][real[b].to(out.device)] = rows.to(device=out.device, dtype=out.dtype)
         self.hits += len(ids)
         return out
+
+    def adopt(self, other: "LowerLayerCache") -> None:
+        """Takes every example `other` stored (another configuration's cache over the same frozen
+        lower layers, e.g. in a sweep): in memory the tensors are shared, not copied; into a file
+        they are written. Hits and misses are not counted. Raises ValueError for another hidden
+        size or dtype, or an `other` whose file is closed."""
+        if not isinstance(other, LowerLayerCache) or (other.hidden, other.dtype) != (self.hidden, self.dtype):
+            got = f"hidden {other.hidden}, {other.dtype}" if isinstance(other, LowerLayerCache) else type(other).__name__
+            raise ValueError(f"other must be a LowerLayerCache of hidden {self.hidden}, {self.dtype}, got {got}")
+        if other.path is not None and other._file is None:
+            raise ValueError(f"other's file {other.path} is closed (its model was unpatched): adopt before unpatching it")
+        ids = list(other.index if other.path is not None else other.memory)
+        if not ids:
+            return
+        if other.path is None and self.path is None:
+            self.memory.update(other.memory)
+            return
+        for i in ids:
+            rows = other.memory[i] if other.path is None else other._read(i)
+            self._write({i: rows})
 
     def close(self) -> None:
         if self._map is not None:

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .. import cache_lower_layers, patch, prompt_config, prompt_parameters, save_prompts
+from .. import cache_lower_layers, load_prompts, patch, prompt_config, prompt_parameters, save_prompts
+from ..storage import PromptLoadError
 from .errors import SettingsError
 from .model_loading import default_model_path, load_model, pick_device
-from .settings import RUN_SETTINGS, TrainSettings
+from .settings import RUN_SETTINGS, TrainSettings, flag
 from .signals import Stop, StopBetweenSteps
+from .sweep import run_sweep
 from .tasks import TASKS, infer_task, to_device, write_json
 from .train_state import load_checkpoint, read_checkpoint, save_checkpoint
 
@@ -60,13 +62,45 @@ def _resumed(settings: TrainSettings):
     return meta["state"]
 
 
+def _several(settings: TrainSettings) -> bool:
+    """Several --data (a multi-task run) or --ensemble K: the multi-task trainer; a one-element list
+    is the single-dataset run."""
+    if isinstance(settings.data, (list, tuple)) and len(settings.data) > 1:
+        return True
+    for name in ("data", "eval"):
+        value = getattr(settings, name)
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            setattr(settings, name, value[0])
+    if settings.mix != "proportional" or (settings.share != "prompt" and settings.ensemble == 1):
+        name = "--mix" if settings.mix != "proportional" else "--share"
+        raise SettingsError(f"{name} applies to several --data (a multi-task run)")
+    if settings.ensemble > 1 and settings.resume is None:
+        if settings.sweep:
+            raise SettingsError("--sweep tries prompt lengths and learning rates for one prompt; --ensemble trains K: use one")
+        return True
+    if settings.sweep:
+        for name, bad in (("resume", settings.resume is not None), ("init_from", settings.init_from is not None),
+                          ("cache_lower_layers", settings.cache_lower_layers), ("num_tokens", settings.num_tokens is not None)):
+            if bad:
+                why = "(--sweep uses the cache itself with --start-layer > 0)" if name == "cache_lower_layers" else \
+                    "(--sweep-tokens gives the lengths)" if name == "num_tokens" else "(a sweep starts every configuration afresh)"
+                raise SettingsError(f"{flag(name)} does not apply to --sweep {why}")
+    if isinstance(settings.eval, (list, tuple)):
+        raise SettingsError(f"--eval: {len(settings.eval)} eval files for one --data")
+    return False
+
+
 def train(settings: TrainSettings) -> int:
     """Runs `fastprompt train`; returns the exit code (0, or 130/143 when stopped by a signal).
     Raises TrainError (SettingsError, DataError, ModelLoadError) for input it cannot use, before
     anything is written to settings.out."""
     from tqdm import tqdm
 
+    from .multitask import resolve_init_from, train_multitask
+
     args = settings
+    if _several(args):
+        return train_multitask(args)
     resumed = _resumed(args) if args.resume else None
     args.check()
     ckpt_dir = args.resume or args.checkpoint_dir or f"{args.out}.ckpt"
@@ -82,11 +116,21 @@ def train(settings: TrainSettings) -> int:
     train_set, eval_set = task.train_items, task.eval_items
     if not train_set:
         raise SettingsError(f"--data {args.data}: no trainable examples")
+    if args.sweep:
+        quantization = "int8" if args.int8 else "int4" if args.int4 else None
+        return run_sweep(args, task, tokenizer, model, {"task": args.task, "model": model_path, "max_length": args.max_length,
+                                                         "quantization": quantization, **task.settings()})
     try:
         patch(model, method=args.method, num_tokens=args.num_tokens, start_layer=args.start_layer, reparam=args.reparam,
               checkpointing=args.checkpointing, init_text=args.init_text, prefix_init=args.prefix_init, tokenizer=tokenizer)
     except ValueError as e:
         raise SettingsError(str(e)) from None
+    if args.init_from is not None:
+        source = resolve_init_from(args.init_from)
+        try:
+            load_prompts(model, source, trainable=True)
+        except (PromptLoadError, ValueError) as e:
+            raise SettingsError(f"--init-from {args.init_from}: {str(e).splitlines()[0]}") from None
     if args.cache_lower_layers:
         try:
             cache_lower_layers(model)

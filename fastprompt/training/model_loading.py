@@ -32,7 +32,7 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def _where(path: str) -> tuple[str, dict]:
+def model_location(path: str) -> tuple[str, dict]:
     """(folder or hub id, extra from_pretrained arguments): a .gguf file loads from its folder,
     dequantised to float32 (transformers reads GGUF weights that way)."""
     p = Path(path)
@@ -55,7 +55,7 @@ def load_model(task, path: str, int8: bool = False, int4: bool = False, device: 
 
     hf_logging.set_verbosity_error()  # the freshly initialised head is expected; its warning is noise here
     device = device or torch.device("cpu")
-    where, extra = _where(path)
+    where, extra = model_location(path)
     kwargs = {**task.model_kwargs(), **extra}
     auto = getattr(transformers, task.auto_class)
     try:

@@ -12,6 +12,7 @@ from ..storage import PromptLoadError, read_json_object
 from .errors import SettingsError
 from .loop import TASK_FILE
 from .model_loading import load_model, pick_device
+from .multitask import MULTITASK_FILE, is_multitask_output, load_headed, multitask_folder
 from .settings import PredictSettings
 from .tasks import TASKS, Task
 
@@ -33,6 +34,10 @@ def predict(settings: PredictSettings) -> int:
     settings.check()
     folder = Path(settings.prompts)
     try:
+        if is_multitask_output(folder):
+            folder = multitask_folder(folder, settings.task)
+        elif settings.task is not None:
+            raise SettingsError(f"--task {settings.task}: {folder} is not a multi-task output (no {MULTITASK_FILE})")
         info, task = read_task_file(folder)
     except PromptLoadError as e:
         raise SettingsError(f"--prompts: {e}") from None
@@ -44,13 +49,17 @@ def predict(settings: PredictSettings) -> int:
     quantization = info.get("quantization")  # absent in task.json files written before it was recorded
     if quantization not in (None, "int8", "int4"):
         raise SettingsError(f"--prompts: task.json field 'quantization' must be null, 'int8' or 'int4', got {quantization!r}")
-    tokenizer, model = load_model(task, model_path, int8=quantization == "int8", int4=quantization == "int4",
-                                  device=pick_device(None))
-    task.prepare(tokenizer, info["max_length"])
-    try:
-        load_prompts(model, folder)
-    except (PromptLoadError, ValueError) as e:
-        raise SettingsError(f"--prompts: {e}") from None
+    if "multitask" in info:  # one dataset of a multi-task run: the backbone, its prompt and its head
+        tokenizer, model = load_headed(folder, info, task, model_path, pick_device(None))
+        task.prepare(tokenizer, info["max_length"])
+    else:
+        tokenizer, model = load_model(task, model_path, int8=quantization == "int8", int4=quantization == "int4",
+                                      device=pick_device(None))
+        task.prepare(tokenizer, info["max_length"])
+        try:
+            load_prompts(model, folder)
+        except (PromptLoadError, ValueError) as e:
+            raise SettingsError(f"--prompts: {e}") from None
     out = Path(settings.out or task.predictions_file)
     predictions = task.predict(model, tokenizer, items)
     task.write_predictions(out, predictions)

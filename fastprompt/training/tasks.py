@@ -421,7 +421,7 @@ class Generation(Task):
         return read_text_pairs(settings.data, text_column=settings.text_column, labelled=False, columns=self.columns)[0]
 
     def check_model(self, model, path):
-        from ..integration.architectures import spec_for
+        from ..integration.facade import spec_for
 
         stacks = spec_for(model).stacks(model) if not model.config.is_encoder_decoder else []
         if not stacks or not stacks[0].causal:

@@ -40,7 +40,20 @@ FILES = {"conll": ("conll2003/train.txt", "conll2003/valid.txt"), "mrpc": ("mrpc
 METRIC = re.compile(r"eval (accuracy|entity F1|F1) ([0-9.]+)")
 
 
-def _subset(name: str, src: Path, rows: int, folder: Path) -> Path:
+def recorder(result: dict, out: Path):
+    """record(row): appends a row to result["rows"] and rewrites `out` with everything so far (an
+    interrupted run keeps its rows), printing the row."""
+
+    def record(row: dict) -> None:
+        result["rows"].append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(row), flush=True)
+
+    return record
+
+
+def eval_subset(name: str, src: Path, rows: int, folder: Path) -> Path:
     """The first `rows` rows of a TSV (header kept) or sentences of a CoNLL file; 0: the whole file."""
     if rows <= 0:
         return src
@@ -98,16 +111,11 @@ def main(argv=None) -> int:
                        "command": "python bench/multitask.py " + " ".join(argv if argv is not None else sys.argv[1:])},
               "rows": []}
     out = Path(args.out)
-
-    def record(row):
-        result["rows"].append(row)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(row), flush=True)
+    record = recorder(result, out)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        evals = {n: _subset(n, DATA / dev, args.eval_rows, tmp) for n, (_, dev) in FILES.items()}
+        evals = {n: eval_subset(n, DATA / dev, args.eval_rows, tmp) for n, (_, dev) in FILES.items()}
         for name, (train, _) in FILES.items() if not args.multi_only else []:
             r = run(["--data", str(DATA / train), "--eval", str(evals[name]), "--out", str(tmp / f"single-{name}"), *common])
             record({"row": f"single {name}", "metric": r["metrics"]["_"], **r})

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multitask import DATA, FILES, HERE, _subset, run  # noqa: E402
+from multitask import DATA, FILES, HERE, eval_subset, recorder, run  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,16 +38,11 @@ def main(argv=None) -> int:
     result = {"meta": {**vars(args), "batch_size": 16, "max_length": 64,
                        "command": "python bench/sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])}, "rows": []}
     out = Path(args.out)
-
-    def record(row):
-        result["rows"].append(row)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(row), flush=True)
+    record = recorder(result, out)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        evalf = _subset(args.data, DATA / dev, args.eval_rows, tmp)
+        evalf = eval_subset(args.data, DATA / dev, args.eval_rows, tmp)
         common = ["--data", str(DATA / train), "--eval", str(evalf), "--steps", str(args.steps), "--epochs", "1000", "--batch-size", "16",
                   "--max-length", "64", "--save-every", "0", "--start-layer", str(args.start_layer)]
         r = run([*common, "--sweep", "--sweep-tokens", args.tokens, "--sweep-lrs", args.lrs, "--out", str(tmp / "sweep")])

@@ -78,10 +78,11 @@ class Method:
                     shown = f"{field}={value!r}" if isinstance(value, (bool, str)) else field
                     raise ValueError(f"{shown} is for method={other.name!r} only, got method={cls.name!r}")
         if config.init_text is not None and not cls.accepts_init_text:
-            raise ValueError(f"init_text does not apply to method={cls.name!r}: its prompt is generated from each input's hidden states")
+            why = ": its prompt is generated from each input's hidden states" if cls.reads_input else ""
+            raise ValueError(f"init_text does not apply to method={cls.name!r}{why}")
         if config.peft_positions and not cls.accepts_peft_positions:
-            raise ValueError(f"peft_positions is for method={[n for n, m in REGISTRY.items() if m.accepts_peft_positions]} "
-                             f"(PEFT has no equivalent of {cls.name!r}), got method={cls.name!r}")
+            allowed = tuple(n for n, m in REGISTRY.items() if m.accepts_peft_positions)
+            raise ValueError(f"peft_positions is for method in {allowed} (PEFT has no equivalent of {cls.name!r}), got method={cls.name!r}")
 
     def check(self) -> None:
         """Raises ValueError for a config this method cannot run on this model."""

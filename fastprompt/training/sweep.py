@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import cache_lower_layers, patch, prompt_parameters, save_prompts, unpatch
-from ..integration.facade import QUANTISATION_SKIP
+from ..integration.facade import HEAD_NAMES
 from .errors import SettingsError
 from .tasks import to_device, write_json
 
@@ -61,9 +61,9 @@ def saved_bytes(step) -> int:
 
 
 def _head_state(model) -> dict[str, dict]:
-    """Copies of the head modules' tensors: each configuration starts from the loaded head."""
+    """Copies of the task head modules' tensors (the trained ones): each configuration starts from the loaded head."""
     return {n: {k: v.detach().clone() for k, v in getattr(model, n).state_dict().items()}
-            for n in QUANTISATION_SKIP if isinstance(getattr(model, n, None), torch.nn.Module)}
+            for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)}
 
 
 def _restore_heads(model, state) -> None:

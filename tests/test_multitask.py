@@ -275,6 +275,16 @@ def test_multitask_flags_on_one_dataset_exit_2(tmp_path, capsys, encoder, files,
     assert e.value.code == 2 and f"{flag} applies to several --data" in capsys.readouterr().err
 
 
+def test_ensemble_of_generation_data_exits_2(tmp_path, capsys, encoder):
+    """--ensemble is for classification, tagging and QA: generation data stops with one line."""
+    lm = tmp_path / "gen.jsonl"
+    lm.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", encoder, "--data", str(lm), "--steps", "1", "--out", str(tmp_path / "o"), "--ensemble", "2"])
+    assert e.value.code == 2 and "--ensemble: generation (lm) is not ensembled" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_predict_task_errors_name_the_flag(tmp_path, capsys, encoder, files):
     out = tmp_path / "out"
     assert _run(capsys, ["train", "--model", encoder, "--steps", "1", "--epochs", "1", "--out", str(out), "--share", "none",
